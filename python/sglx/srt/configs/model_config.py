@@ -1,0 +1,147 @@
+"""What the engine needs to know about a model, read once from a HF directory or a GGUF file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+# Architectures that produce embeddings rather than next-token logits, whatever the caller asked for.
+EMBEDDING_ARCHITECTURES = frozenset({"BertModel", "RobertaModel", "XLMRobertaModel"})
+
+# Keys that different model families use for their trained context length, most common first.
+_CONTEXT_LEN_KEYS = (
+    "max_position_embeddings",
+    "max_sequence_length",
+    "max_seq_len",
+    "seq_length",
+    "n_positions",
+    "model_max_length",
+)
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def load_hf_config(model_path: str, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a HF directory, or of a GGUF file (built from its metadata)."""
+    from transformers import AutoConfig
+
+    if model_path.lower().endswith(".gguf"):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"GGUF file not found: {model_path}")
+        dirname, basename = os.path.split(os.path.abspath(model_path))
+        return AutoConfig.from_pretrained(dirname, gguf_file=basename)
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise FileNotFoundError(f"{model_path} is neither a .gguf file nor a directory with config.json")
+    return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
+def resolve_architecture(hf_config: Any, is_embedding: bool) -> str:
+    """The model class name: the config's `architectures`, else what transformers maps the model_type to
+    (GGUF-derived configs carry only model_type)."""
+    archs = getattr(hf_config, "architectures", None)
+    if archs:
+        return archs[0]
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_MAPPING_NAMES,
+    )
+
+    model_type = hf_config.model_type
+    tables = (MODEL_MAPPING_NAMES, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    for table in tables if is_embedding else reversed(tables):
+        if model_type in table:
+            return table[model_type]
+    raise ValueError(f"Cannot tell the architecture of model_type {model_type!r}: config has no `architectures`")
+
+
+def resolve_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:
+    if dtype != "auto":
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"--dtype must be auto or one of {sorted(_DTYPE_NAMES)}; got {dtype!r}")
+        return _DTYPE_NAMES[dtype]
+    # CPU: bf16 matmuls are slow there and parity with fp32 references matters more.
+    if not device.startswith("cuda"):
+        return torch.float32
+    config_dtype = getattr(hf_config, "dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = _DTYPE_NAMES.get(config_dtype)
+    return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def derive_context_len(text_config: Any) -> int:
+    for key in _CONTEXT_LEN_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048  # the config names no limit at all; a conservative guess beats failing
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_path: str
+    hf_config: Any
+    architecture: str
+    dtype: torch.dtype
+    context_len: int
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    is_gguf: bool
+    is_embedding: bool
+
+    @property
+    def hf_text_config(self) -> Any:
+        """The language-model part of the config (the whole config for text-only models)."""
+        return _text_config(self.hf_config)
+
+    @staticmethod
+    def from_path(
+        model_path: str,
+        *,
+        dtype: str = "auto",
+        context_length: Optional[int] = None,
+        is_embedding: bool = False,
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+    ) -> "ModelConfig":
+        hf_config = load_hf_config(model_path, trust_remote_code)
+        architecture = resolve_architecture(hf_config, is_embedding)
+        text = _text_config(hf_config)
+        num_heads = int(text.num_attention_heads)
+        num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+        return ModelConfig(
+            model_path=model_path,
+            hf_config=hf_config,
+            architecture=architecture,
+            dtype=resolve_dtype(dtype, hf_config, device),
+            context_len=context_length if context_length is not None else derive_context_len(text),
+            vocab_size=int(text.vocab_size),
+            hidden_size=int(text.hidden_size),
+            num_hidden_layers=int(text.num_hidden_layers),
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(num_kv_heads),
+            head_dim=int(head_dim),
+            is_gguf=model_path.lower().endswith(".gguf"),
+            is_embedding=is_embedding or architecture in EMBEDDING_ARCHITECTURES,
+        )
+
+
+def _text_config(hf_config: Any) -> Any:
+    get = getattr(hf_config, "get_text_config", None)
+    return get() if get is not None else hf_config

@@ -1,0 +1,149 @@
+"""Process launch shared by the HTTP server and the offline Engine, and the Engine itself."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from sglx.srt.managers.io_struct import GenerateReqInput
+from sglx.srt.server_args import ServerArgs
+from sglx.srt.utils import PortArgs, kill_processes
+
+logger = logging.getLogger(__name__)
+
+
+def _child_entry(target, *args) -> None:
+    # Ctrl-C goes to the whole process group; the launcher decides how children stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(*args)
+
+
+def _run_scheduler(server_args, port_args, writer) -> None:
+    from sglx.srt.managers.scheduler import run_scheduler_process
+
+    _child_entry(run_scheduler_process, server_args, port_args, writer)
+
+
+def _run_detokenizer(server_args, port_args) -> None:
+    from sglx.srt.managers.detokenizer_manager import run_detokenizer_process
+
+    _child_entry(run_detokenizer_process, server_args, port_args)
+
+
+def launch_subprocesses(server_args: ServerArgs) -> Tuple[Any, Dict[str, Any], List[mp.Process]]:
+    """Start the scheduler and detokenizer processes; return (TokenizerManager, scheduler info, processes)."""
+    from sglx.srt.managers.tokenizer_manager import TokenizerManager
+
+    port_args = PortArgs.init_new()
+    ctx = mp.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    procs = [
+        ctx.Process(target=_run_scheduler, args=(server_args, port_args, writer), name="sglx::scheduler"),
+        ctx.Process(target=_run_detokenizer, args=(server_args, port_args), name="sglx::detokenizer"),
+    ]
+    for p in procs:
+        p.start()
+    atexit.register(kill_processes, procs)
+    while not reader.poll(0.5):
+        dead = [p for p in procs if not p.is_alive()]
+        if dead:
+            kill_processes(procs)
+            raise RuntimeError(f"{dead[0].name} exited with code {dead[0].exitcode} during start-up (see log above)")
+    info = reader.recv()
+    if info.get("status") != "ready":
+        kill_processes(procs)
+        raise RuntimeError(f"scheduler failed to start: {info.get('error')}")
+    tm = TokenizerManager(server_args, port_args, info)
+    return tm, info, procs
+
+
+def start_watchdog(procs: List[mp.Process], on_death) -> threading.Thread:
+    """A child that dies takes the whole server down with a clear log line, never a hang."""
+
+    def watch() -> None:
+        while True:
+            for p in procs:
+                if not p.is_alive():
+                    logger.error("%s died with exit code %s; shutting the server down", p.name, p.exitcode)
+                    kill_processes(procs)
+                    on_death()
+                    return
+            time.sleep(0.5)
+
+    t = threading.Thread(target=watch, name="sglx-watchdog", daemon=True)
+    t.start()
+    return t
+
+
+class Engine:
+    """In-process sglx: the same scheduler and detokenizer processes, without HTTP.
+
+    >>> engine = Engine(max_total_tokens=4096)
+    >>> engine.generate("Hello", {"max_new_tokens": 8, "temperature": 0})["text"]
+    """
+
+    def __init__(self, server_args: Optional[ServerArgs] = None, **kwargs: Any) -> None:
+        self.server_args = server_args or ServerArgs(**kwargs)
+        self.tokenizer_manager, self.scheduler_info, self.procs = launch_subprocesses(self.server_args)
+        self.loop = asyncio.new_event_loop()
+        self._dead = threading.Event()
+        start_watchdog(self.procs, self._dead.set)
+
+    def _check_alive(self) -> None:
+        if self._dead.is_set():
+            raise RuntimeError("an sglx engine process died; see the log")
+
+    def generate(
+        self,
+        prompt: Optional[Union[str, List[str]]] = None,
+        sampling_params: Optional[Union[Dict, List[Dict]]] = None,
+        input_ids: Optional[Union[List[int], List[List[int]]]] = None,
+        return_logprob: bool = False,
+        top_logprobs_num: Optional[int] = None,
+        stream: bool = False,
+    ) -> Union[Dict, List[Dict], Iterator[Dict]]:
+        self._check_alive()
+        obj = GenerateReqInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params,
+                               return_logprob=return_logprob, top_logprobs_num=top_logprobs_num, stream=stream)
+        gen = self.tokenizer_manager.generate_request(obj)
+        if stream:
+            return self._iterate(gen)
+        out = None
+
+        async def drain():
+            nonlocal out
+            async for out in gen:
+                pass
+
+        self.loop.run_until_complete(drain())
+        return out
+
+    def _iterate(self, gen) -> Iterator[Dict]:
+        while True:
+            try:
+                yield self.loop.run_until_complete(gen.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def flush_cache(self) -> bool:
+        return self.loop.run_until_complete(self.tokenizer_manager.flush_cache()).success
+
+    def get_server_info(self) -> Dict[str, Any]:
+        state = self.loop.run_until_complete(self.tokenizer_manager.get_internal_state())
+        return {**self.scheduler_info, "internal_state": state}
+
+    def shutdown(self) -> None:
+        kill_processes(self.procs)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

@@ -1,0 +1,165 @@
+"""The HTTP process: FastAPI app with SGLang's native API and the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Dict, Optional
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, ORJSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from sglx import __version__
+from sglx.srt.entrypoints.openai.serving_chat import OpenAIServingChat
+from sglx.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from sglx.srt.entrypoints.openai.serving_base import models_response
+from sglx.srt.managers.io_struct import GenerateReqInput
+from sglx.srt.managers.tokenizer_manager import TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+HEALTH_GENERATE_TIMEOUT_S = 60
+
+
+def error_response(message: str, status: int = 400, err_type: str = "BadRequestError") -> JSONResponse:
+    return JSONResponse(
+        {"object": "error", "message": message, "type": err_type, "param": None, "code": status},
+        status_code=status,
+    )
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON body: {e}") from None
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
+    app = FastAPI(title="sglx", version=__version__)
+    app.state.tokenizer_manager = tm
+    chat, completion = OpenAIServingChat(tm), OpenAIServingCompletion(tm)
+    api_key = tm.server_args.api_key
+
+    if api_key:
+        @app.middleware("http")
+        async def check_api_key(request: Request, call_next):
+            open_paths = ("/health", "/metrics")
+            if request.url.path not in open_paths and request.headers.get("Authorization") != f"Bearer {api_key}":
+                return error_response("invalid API key", 401, "AuthenticationError")
+            return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if procs_alive() else 503)
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        obj = GenerateReqInput(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
+        try:
+            async def one():
+                async for _ in tm.generate_request(obj):
+                    pass
+            await asyncio.wait_for(one(), HEALTH_GENERATE_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - any failure means unhealthy
+            logger.error("health_generate failed: %s", e)
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def get_model_info() -> Dict[str, Any]:
+        return {"model_path": tm.model_path, "tokenizer_path": tm.server_args.tokenizer_path,
+                "served_model_name": tm.served_model_name, "is_generation": not tm.server_args.is_embedding,
+                "context_length": tm.context_len}
+
+    @app.get("/get_server_info")
+    async def get_server_info() -> Dict[str, Any]:
+        state = await tm.get_internal_state()
+        return {**dataclasses.asdict(tm.server_args), **tm.scheduler_info, "internal_state": state,
+                "version": __version__}
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> Response:
+        res = await tm.flush_cache()
+        return PlainTextResponse(res.message, status_code=200 if res.success else 400)
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> Response:
+        try:
+            body = await read_json(request)
+        except ValueError as e:
+            return error_response(str(e))
+        if not isinstance(body, dict) or not isinstance(body.get("rid", ""), str):
+            return error_response("expected {\"rid\": str} or {\"abort_all\": true}")
+        tm.abort_request(body.get("rid", ""), abort_all=bool(body.get("abort_all", False)))
+        return Response(status_code=200)
+
+    @app.api_route("/generate", methods=["POST", "PUT"])
+    async def generate(request: Request) -> Response:
+        try:
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            obj = GenerateReqInput(**body)
+        except TypeError as e:
+            return error_response(f"invalid request: {e}")
+        except ValueError as e:
+            return error_response(str(e))
+        if obj.stream:
+            gen = tm.generate_request(obj, request)
+            try:
+                first = await gen.__anext__()  # validation errors surface here, as a 400
+            except StopAsyncIteration:
+                first = None
+            except ValueError as e:
+                return error_response(str(e))
+            return StreamingResponse(_stream_native(first, gen), media_type="text/event-stream")
+        try:
+            out = None
+            async for out in tm.generate_request(obj, request):
+                pass
+            return ORJSONResponse(out)
+        except ValueError as e:
+            return error_response(str(e))
+
+    @app.post("/v1/completions")
+    async def v1_completions(request: Request) -> Response:
+        return await completion.handle_request(request)
+
+    @app.post("/v1/chat/completions")
+    async def v1_chat(request: Request) -> Response:
+        return await chat.handle_request(request)
+
+    @app.get("/v1/models")
+    async def v1_models() -> Dict[str, Any]:
+        return models_response(tm)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if not tm.server_args.enable_metrics:
+            return PlainTextResponse("metrics are off; start with --enable-metrics", status_code=404)
+        state = await tm.get_internal_state()
+        lines = [f"sglx:{k} {float(v)}" for k, v in state.items() if isinstance(v, (int, float, bool))]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    return app
+
+
+async def _stream_native(first: Optional[Dict], gen: AsyncIterator[Dict]) -> AsyncIterator[bytes]:
+    try:
+        if first is not None:
+            yield sse(first)
+        async for out in gen:
+            yield sse(out)
+    except ValueError as e:
+        yield sse({"error": {"message": str(e), "code": 400}})
+    yield b"data: [DONE]\n\n"

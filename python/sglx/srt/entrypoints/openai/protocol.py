@@ -1,0 +1,259 @@
+"""Pydantic (v2) models of the OpenAI-compatible API: requests as clients send them, responses as we send them.
+
+Requests accept OpenAI's fields plus the SGLang/vLLM sampling extras (top_k, min_p, repetition_penalty,
+min_tokens, ignore_eos, stop_token_ids, ...). Unknown fields are ignored, as OpenAI-compatible servers do,
+so clients written for newer API versions keep working.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer
+
+# Request numbers and flags are strict, as JSON types are: "5", 5.5 or true is no max_tokens (an int is
+# still a valid float).
+SInt = Annotated[int, Strict()]
+SFloat = Annotated[float, Strict()]
+SBool = Annotated[bool, Strict()]
+
+# OpenAI caps top logprobs at 20 for chat; we use the same bound for completions.
+MAX_TOP_LOGPROBS = 20
+
+
+# ----------------------------------------------------------------------------- shared pieces
+class StreamOptions(BaseModel):
+    include_usage: Optional[SBool] = False
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
+
+
+class ErrorResponse(BaseModel):
+    """vLLM/SGLang's error body; the openai SDK reads `message` from it."""
+
+    object: str = "error"
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: int
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    frequency_penalty: Optional[SFloat] = None
+    presence_penalty: Optional[SFloat] = None
+    logit_bias: Optional[Dict[str, SFloat]] = None
+    n: Optional[SInt] = Field(default=1, ge=1)
+    seed: Optional[SInt] = None
+    stop: Optional[Union[str, List[str]]] = None
+    stream: Optional[SBool] = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Optional[SFloat] = None
+    top_p: Optional[SFloat] = None
+    user: Optional[str] = None
+    # SGLang / vLLM extras
+    top_k: Optional[SInt] = None
+    min_p: Optional[SFloat] = None
+    repetition_penalty: Optional[SFloat] = None
+    min_tokens: Optional[SInt] = Field(default=None, ge=0)
+    ignore_eos: Optional[SBool] = None
+    stop_token_ids: Optional[List[SInt]] = None
+    skip_special_tokens: Optional[SBool] = None
+    spaces_between_special_tokens: Optional[SBool] = None
+    no_stop_trim: Optional[SBool] = None
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# ----------------------------------------------------------------------------- /v1/completions
+class CompletionRequest(_SamplingRequest):
+    # Smart-mode union: an exact match wins, so [1, 2] is token ids and ["a"] is a list of prompts.
+    prompt: Union[str, List[str], List[SInt], List[List[SInt]]]
+    max_tokens: Optional[SInt] = Field(default=16, ge=0)
+    echo: Optional[SBool] = False
+    logprobs: Optional[SInt] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: Optional[SInt] = Field(default=None, ge=1)
+    suffix: Optional[str] = None
+
+
+class CompletionLogProbs(BaseModel):
+    tokens: List[str] = Field(default_factory=list)
+    token_logprobs: List[Optional[float]] = Field(default_factory=list)
+    top_logprobs: List[Optional[Dict[str, float]]] = Field(default_factory=list)
+    text_offset: List[int] = Field(default_factory=list)
+
+
+class CompletionResponseChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogProbs] = None
+    finish_reason: Optional[str] = None
+    # SGLang extra: the stop string or token id that ended the choice.
+    matched_stop: Optional[Union[int, str]] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: List[CompletionResponseChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogProbs] = None
+    finish_reason: Optional[str] = None
+    matched_stop: Optional[Union[int, str]] = None
+
+
+class CompletionStreamResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: List[CompletionStreamChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# ----------------------------------------------------------------------------- /v1/chat/completions
+class ChatContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    """A message of the conversation. Tool-call fields are kept for the chat template, never parsed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, List[ChatContentPart]]] = None
+    name: Optional[str] = None
+    tool_call_id: Optional[str] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[SInt] = Field(default=None, ge=0)
+    max_completion_tokens: Optional[SInt] = Field(default=None, ge=0)
+    logprobs: Optional[SBool] = False
+    top_logprobs: Optional[SInt] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: Optional[ResponseFormat] = None
+    # Accepted so that agent clients do not fail; no tool-call parsing is done.
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, Dict[str, Any]]] = None
+    parallel_tool_calls: Optional[SBool] = None
+    # vLLM / SGLang template controls
+    add_generation_prompt: Optional[SBool] = True
+    continue_final_message: Optional[SBool] = False
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[List[int]] = None
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    top_logprobs: List[TopLogprob] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(BaseModel):
+    content: Optional[List[ChatCompletionTokenLogprob]] = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: str = "assistant"
+    content: Optional[str] = None
+
+
+class ChatCompletionResponseChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: Optional[ChatCompletionLogProbs] = None
+    finish_reason: Optional[str] = None
+    matched_stop: Optional[Union[int, str]] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: List[ChatCompletionResponseChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> Dict[str, Any]:
+        # OpenAI sends {"content": "x"}, not {"role": null, "content": "x"}.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: Optional[ChatCompletionLogProbs] = None
+    finish_reason: Optional[str] = None
+    matched_stop: Optional[Union[int, str]] = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: List[ChatCompletionStreamChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# ----------------------------------------------------------------------------- /v1/models
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "sglx"
+    root: Optional[str] = None
+    max_model_len: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: List[ModelCard] = Field(default_factory=list)

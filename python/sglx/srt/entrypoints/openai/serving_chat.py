@@ -1,0 +1,192 @@
+"""POST /v1/chat/completions.
+
+The prompt is the tokenizer's chat template applied to the messages (generation prompt added, or the last
+assistant message continued with `continue_final_message`), sent to the manager as token ids. Message
+content may be a string or a list of parts; text parts are joined with newlines, other part types
+(images, audio) are refused with a 400. The `developer` role is passed to the template as `system`.
+
+Without max_tokens/max_completion_tokens the choice may run to the end of the context
+(context_len - prompt_len new tokens). `response_format` other than {"type": "text"} is refused (400).
+`tools`/`tool_choice` are accepted and ignored: they are not shown to the template and no tool calls are
+parsed out of the output, so the answer is always plain assistant content.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from sglx.srt.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+    ChatResponseMessage,
+    DeltaMessage,
+    UsageInfo,
+)
+from sglx.srt.entrypoints.openai.serving_base import ChoiceState, GenPlan, OpenAIServingBase
+from sglx.srt.entrypoints.openai.utils import (
+    TokenLogprob,
+    finish_reason_str,
+    logprobs_since,
+    matched_stop,
+    to_chat_logprobs,
+)
+
+# Keys of apply_chat_template that this layer decides; chat_template_kwargs may not override them.
+_RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "add_generation_prompt", "continue_final_message",
+                             "return_dict", "return_tensors", "tools"}
+
+
+def content_text(content: Optional[Any]) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.type != "text":
+            raise ValueError(f"Content part type `{part.type}` is not supported; only `text` parts are.")
+        texts.append(part.text or "")
+    return "\n".join(texts)
+
+
+def message_to_template_dict(msg: ChatMessage) -> Dict[str, Any]:
+    d: Dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role,
+                         "content": content_text(msg.content)}
+    for key in ("name", "tool_call_id", "tool_calls"):
+        value = getattr(msg, key)
+        if value is not None:
+            d[key] = value
+    return d
+
+
+def flat_token_ids(encoded: Any) -> List[int]:
+    """apply_chat_template's result as List[int]: transformers 5 returns a BatchEncoding by default."""
+    if hasattr(encoded, "keys") and "input_ids" in encoded:
+        encoded = encoded["input_ids"]
+    if hasattr(encoded, "tolist"):
+        encoded = encoded.tolist()
+    encoded = list(encoded)
+    if encoded and isinstance(encoded[0], (list, tuple)):
+        if len(encoded) != 1:
+            raise ValueError("the chat template produced more than one sequence")
+        encoded = list(encoded[0])
+    return [int(t) for t in encoded]
+
+
+class OpenAIServingChat(OpenAIServingBase):
+    request_cls = ChatCompletionRequest
+    id_prefix = "chatcmpl-"
+
+    def build_plan(self, req: ChatCompletionRequest) -> GenPlan:
+        if req.response_format is not None and req.response_format.type != "text":
+            raise ValueError(
+                f"response_format type `{req.response_format.type}` is not supported; only `text` is."
+            )
+        if req.top_logprobs and not req.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true.")
+        input_ids = self.apply_template(req)
+        max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_new is None:
+            context_len = self.tokenizer_manager.context_len
+            if len(input_ids) >= context_len:
+                raise ValueError(
+                    f"The prompt is {len(input_ids)} tokens long, which leaves no room to generate "
+                    f"in the model's context of {context_len} tokens."
+                )
+            max_new = context_len - len(input_ids)
+        return self.make_plan(
+            req,
+            [input_ids],
+            self.sampling_params(req, max_new),
+            return_logprob=bool(req.logprobs),
+            top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0,
+        )
+
+    def apply_template(self, req: ChatCompletionRequest) -> List[int]:
+        tokenizer = self.tokenizer_manager.tokenizer
+        if tokenizer is None:
+            raise ValueError("Chat completions need a tokenizer; this server runs without one.")
+        messages = [message_to_template_dict(m) for m in req.messages]
+        kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+        if req.continue_final_message:
+            if messages[-1]["role"] != "assistant":
+                raise ValueError("continue_final_message needs the last message to be from the assistant.")
+            kwargs["continue_final_message"] = True
+            add_generation_prompt = False
+        else:
+            add_generation_prompt = req.add_generation_prompt is not False
+        try:
+            encoded = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs
+            )
+        except Exception as e:  # noqa: BLE001 - template errors (jinja, role order) are the client's input
+            raise ValueError(f"Could not apply the chat template: {e}") from e
+        return flat_token_ids(encoded)
+
+    # ------------------------------------------------------------------ non-streaming
+    def build_response(
+        self, req: ChatCompletionRequest, plan: GenPlan, outputs: List[Dict[str, Any]]
+    ) -> ChatCompletionResponse:
+        choices = []
+        for i, out in enumerate(outputs):
+            meta = out.get("meta_info", {})
+            logprobs = None
+            if plan.want_logprobs:
+                logprobs = to_chat_logprobs(logprobs_since(meta, 0, self.tokenizer_manager.tokenizer))
+            fr = meta.get("finish_reason")
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=i,
+                    message=ChatResponseMessage(content=out.get("text", "")),
+                    logprobs=logprobs,
+                    finish_reason=finish_reason_str(fr),
+                    matched_stop=matched_stop(fr),
+                )
+            )
+        return ChatCompletionResponse(
+            id=plan.response_id,
+            created=plan.created,
+            model=plan.model,
+            choices=choices,
+            usage=self.usage(plan, [o.get("meta_info", {}) for o in outputs]),
+        )
+
+    # ------------------------------------------------------------------ streaming
+    def _chunk(self, plan: GenPlan, choice: ChatCompletionStreamChoice) -> ChatCompletionStreamResponse:
+        return ChatCompletionStreamResponse(
+            id=plan.response_id, created=plan.created, model=plan.model, choices=[choice]
+        )
+
+    def stream_prologue(self, req: ChatCompletionRequest, plan: GenPlan) -> List[ChatCompletionStreamResponse]:
+        return [
+            self._chunk(plan, ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+            for i in range(plan.num_choices)
+        ]
+
+    def build_chunk(
+        self,
+        req: ChatCompletionRequest,
+        plan: GenPlan,
+        index: int,
+        state: ChoiceState,
+        delta: str,
+        logprobs: List[TokenLogprob],
+        finish_reason: Optional[Dict[str, Any]],
+    ) -> ChatCompletionStreamResponse:
+        choice = ChatCompletionStreamChoice(
+            index=index,
+            delta=DeltaMessage(content=delta or None),
+            logprobs=to_chat_logprobs(logprobs) if plan.want_logprobs else None,
+            finish_reason=finish_reason_str(finish_reason),
+            matched_stop=matched_stop(finish_reason),
+        )
+        return self._chunk(plan, choice)
+
+    def build_usage_chunk(self, plan: GenPlan, usage: UsageInfo) -> ChatCompletionStreamResponse:
+        return ChatCompletionStreamResponse(
+            id=plan.response_id, created=plan.created, model=plan.model, choices=[], usage=usage
+        )

@@ -1,0 +1,174 @@
+"""Helpers shared by the OpenAI endpoints: error bodies, SSE framing, finish reasons, usage and logprobs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from sglx.srt.entrypoints.openai.protocol import (
+    ChatCompletionLogProbs,
+    ChatCompletionTokenLogprob,
+    CompletionLogProbs,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    TopLogprob,
+    UsageInfo,
+)
+
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
+# JSON has no -inf; vLLM and SGLang report this floor instead of an invalid document.
+_LOGPROB_FLOOR = -9999.0
+
+
+# ----------------------------------------------------------------------------- errors and SSE
+def error_body(message: str, status: int = 400, param: Optional[str] = None) -> Dict[str, Any]:
+    err_type = _ERROR_TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+    return ErrorResponse(message=message, type=err_type, param=param, code=status).model_dump()
+
+
+def error_response(message: str, status: int = 400, param: Optional[str] = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param), status_code=status)
+
+
+def validation_message(err: ValidationError) -> Tuple[str, Optional[str]]:
+    """A one-line account of a pydantic error, and the first offending field (OpenAI's `param`)."""
+    parts, first = [], None
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        first = first or loc or None
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "Invalid request: " + "; ".join(parts), first
+
+
+def sse(payload: Any) -> str:
+    if isinstance(payload, BaseModel):
+        data = payload.model_dump_json()
+    else:
+        data = json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+# ----------------------------------------------------------------------------- finish reasons and usage
+def finish_reason_str(fr: Optional[Dict[str, Any]]) -> Optional[str]:
+    """stop -> "stop", length -> "length", abort -> "abort" (as vLLM), anything else by its type."""
+    if fr is None:
+        return None
+    return str(fr.get("type", "stop"))
+
+
+def matched_stop(fr: Optional[Dict[str, Any]]) -> Optional[Any]:
+    if fr is None or fr.get("type") != "stop":
+        return None
+    return fr.get("matched")
+
+
+def aggregate_usage(metas: Sequence[Dict[str, Any]], choices_per_prompt: int) -> UsageInfo:
+    """Usage over all choices. A prompt sampled n times is counted once (as OpenAI does), so its
+    prompt and cached tokens come from its first choice; completion tokens sum over every choice."""
+    prompt = cached = completion = 0
+    for i, meta in enumerate(metas):
+        completion += int(meta.get("completion_tokens", 0) or 0)
+        if i % choices_per_prompt == 0:
+            prompt += int(meta.get("prompt_tokens", 0) or 0)
+            cached += int(meta.get("cached_tokens", 0) or 0)
+    return UsageInfo(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+# ----------------------------------------------------------------------------- logprobs
+@dataclass
+class TokenLogprob:
+    """One output token's logprob and its top alternatives, independent of the API shape."""
+
+    token_id: int
+    logprob: float
+    text: str
+    top: List[Tuple[int, float, str]] = field(default_factory=list)
+
+
+def _finite(lp: Any) -> float:
+    v = float(lp) if lp is not None else _LOGPROB_FLOOR
+    return v if math.isfinite(v) else _LOGPROB_FLOOR
+
+
+def _unpack(entry: Sequence[Any], tokenizer: Any) -> Tuple[int, float, str]:
+    lp, tid = entry[0], int(entry[1])
+    text = entry[2] if len(entry) > 2 else None
+    if text is None:
+        text = tokenizer.decode([tid]) if tokenizer is not None else ""
+    return tid, _finite(lp), text
+
+
+def logprobs_since(meta: Dict[str, Any], start: int, tokenizer: Any) -> List[TokenLogprob]:
+    """The output tokens' logprobs from index `start` on (the manager's lists are cumulative)."""
+    chosen = meta.get("output_token_logprobs") or []
+    tops = meta.get("output_top_logprobs") or []
+    out: List[TokenLogprob] = []
+    for i in range(start, len(chosen)):
+        tid, lp, text = _unpack(chosen[i], tokenizer)
+        top_i = tops[i] if i < len(tops) and tops[i] else []
+        out.append(TokenLogprob(tid, lp, text, [_unpack(t, tokenizer) for t in top_i]))
+    return out
+
+
+def to_completion_logprobs(entries: Sequence[TokenLogprob], text_offset: int) -> CompletionLogProbs:
+    """OpenAI's legacy shape. The top dict holds the top-k and, like OpenAI, the chosen token too.
+    text_offset counts characters from the start of the returned text (the prompt, when echoed)."""
+    tops: List[Optional[Dict[str, float]]] = []
+    offsets: List[int] = []
+    offset = text_offset
+    for e in entries:
+        top = {text: lp for _, lp, text in e.top}
+        top.setdefault(e.text, e.logprob)
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(e.text)
+    return CompletionLogProbs(
+        tokens=[e.text for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=tops,
+        text_offset=offsets,
+    )
+
+
+def _utf8(text: str) -> List[int]:
+    # Token texts of partial UTF-8 sequences arrive as U+FFFD, so these bytes are approximate there.
+    return list(text.encode("utf-8"))
+
+
+def to_chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatCompletionLogProbs:
+    content = [
+        ChatCompletionTokenLogprob(
+            token=e.text,
+            logprob=e.logprob,
+            bytes=_utf8(e.text),
+            top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=_utf8(t)) for _, lp, t in e.top],
+        )
+        for e in entries
+    ]
+    return ChatCompletionLogProbs(content=content)
+
+
+# ----------------------------------------------------------------------------- /v1/models
+def models_response(tokenizer_manager: Any) -> Dict[str, Any]:
+    """Body of GET /v1/models: the one served model."""
+    card = ModelCard(
+        id=tokenizer_manager.served_model_name,
+        root=tokenizer_manager.model_path,
+        max_model_len=tokenizer_manager.context_len,
+    )
+    return ModelList(data=[card]).model_dump()

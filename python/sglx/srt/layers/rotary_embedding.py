@@ -1,0 +1,97 @@
+"""Rotary position embeddings with a precomputed cos/sin cache indexed by position."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+def rope_config(hf_config: Any) -> Tuple[float, Optional[Dict[str, Any]]]:
+    """(rope_theta, scaling dict or None) from either the transformers-5 `rope_parameters` or the older
+    `rope_theta` + `rope_scaling` attributes."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = float(params["rope_theta"])
+        scaling = dict(params)
+    else:
+        theta = float(getattr(hf_config, "rope_theta", 10000.0))
+        scaling = getattr(hf_config, "rope_scaling", None)
+        scaling = dict(scaling) if scaling else None
+    if scaling is not None:
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type == "default":
+            scaling = None
+        else:
+            scaling["rope_type"] = rope_type
+    return theta, scaling
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: Dict[str, Any]) -> torch.Tensor:
+    factor = s["factor"]
+    low, high = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(
+        self,
+        head_size: int,
+        rotary_dim: int,
+        max_position: int,
+        base: float,
+        is_neox_style: bool = True,
+        scaling: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        self.head_size = head_size
+        self.rotary_dim = rotary_dim
+        self.is_neox_style = is_neox_style
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+        rope_type = (scaling or {}).get("rope_type", "default")
+        if rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        elif rope_type == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif rope_type != "default":
+            raise NotImplementedError(f"rope scaling type {rope_type!r} is not supported yet")
+        t = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        # [max_position, rotary_dim]: cos | sin halves, kept fp32 and cast at use.
+        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """q: [n, heads * head_size], k: [n, kv_heads * head_size]; returns rotated copies."""
+        cos, sin = self.cos_sin_cache[positions].to(q.dtype).chunk(2, dim=-1)
+        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = x.view(n, -1, self.head_size)
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if self.is_neox_style:
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        if rest.shape[-1]:
+            out = torch.cat([out, rest], dim=-1)
+        return out.reshape(n, -1)
+
+
+def get_rope(hf_config: Any, head_dim: int, max_position: int, is_neox_style: bool = True) -> RotaryEmbedding:
+    theta, scaling = rope_config(hf_config)
+    partial = getattr(hf_config, "partial_rotary_factor", 1.0)
+    return RotaryEmbedding(head_dim, int(head_dim * partial), max_position, theta, is_neox_style, scaling)

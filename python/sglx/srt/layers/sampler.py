@@ -1,0 +1,175 @@
+"""Batched next-token sampling: logit bias, min-new-tokens masking, penalties, then greedy or filtered sampling.
+
+Sampling uses the exponential race: with E_i ~ Exp(1) independent, argmax_i p_i / E_i is distributed as
+p / sum(p). That makes it (1) indifferent to whether p is renormalized, (2) a single batched argmax, and
+(3) seedable per request: a seeded row draws its E from a counter-based hash of (seed, position, vocab
+index), so its token depends on nothing but its own logits, seed and position — never on batch neighbours.
+Everything here is plain tensor ops with no per-row host sync, so it runs unchanged on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from sglx.srt.sampling.sampling_batch_info import SamplingBatchInfo
+
+
+@dataclass
+class SamplerOutput:
+    next_token_ids: torch.Tensor  # [bs] int64
+    next_token_logprobs: Optional[torch.Tensor]  # [bs] float32, raw log_softmax at the chosen id
+    top_logprobs_val: Optional[List[List[float]]]
+    top_logprobs_idx: Optional[List[List[int]]]
+
+
+class Sampler(nn.Module):
+    def forward(
+        self,
+        logits: torch.Tensor,
+        info: SamplingBatchInfo,
+        return_logprob: bool = False,
+        top_logprobs_nums: Optional[List[int]] = None,
+    ) -> SamplerOutput:
+        logits = logits.float()
+        # Reported logprobs are those of the model itself, before any request-specific processing.
+        want_logprobs = return_logprob or top_logprobs_nums is not None
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+
+        processed = apply_logits_processing(logits, info)
+        greedy_ids = torch.argmax(processed, dim=-1)
+        if info.is_all_greedy:
+            next_ids = greedy_ids
+        else:
+            sampled = sample_from_logits(processed, info)
+            # Greedy rows in a mixed batch must be exactly argmax, whatever the sampling path did with them.
+            next_ids = torch.where(info.top_ks == 1, greedy_ids, sampled)
+
+        token_logprobs = None
+        if return_logprob:
+            token_logprobs = logprobs.gather(1, next_ids.view(-1, 1)).squeeze(1)
+        top_val, top_idx = (None, None)
+        if top_logprobs_nums is not None:
+            top_val, top_idx = top_logprobs(logprobs, top_logprobs_nums)
+        return SamplerOutput(next_ids, token_logprobs, top_val, top_idx)
+
+
+def apply_logits_processing(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """Logit bias, min-new-tokens stop masking and penalties, in that order; never writes into `logits`."""
+    out = logits
+    if info.logit_bias is not None:
+        out = out + info.logit_bias
+    if info.min_new_tokens_mask is not None:
+        out = out.masked_fill(info.min_new_tokens_mask, float("-inf"))
+    counts = info.output_token_counts
+    if info.repetition_penalties is not None:
+        seen = info.prompt_token_mask | (counts > 0)
+        p = info.repetition_penalties.view(-1, 1)
+        # Divide positive logits and multiply negative ones: both push a seen token's probability down.
+        out = torch.where(seen, torch.where(out > 0, out / p, out * p), out)
+    if info.frequency_penalties is not None:
+        out = out - info.frequency_penalties.view(-1, 1) * counts
+    if info.presence_penalties is not None:
+        out = out - info.presence_penalties.view(-1, 1) * (counts > 0)
+    return out
+
+
+def sample_from_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    probs = torch.softmax(logits / info.temperatures, dim=-1)
+    probs = filter_probs(probs, info)
+    return torch.argmax(probs / exponential_noise(probs, info), dim=-1)
+
+
+def filter_probs(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """Zero the tokens removed by top-k, then top-p, then min-p (the result is not renormalized).
+
+    Each filter acts on the distribution left by the previous ones, renormalized (as vLLM and HF do):
+    top-p compares against top_p times the mass top-k kept, and min-p against the largest kept probability.
+    """
+    if info.need_top_k or info.need_top_p:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        if info.need_top_k:
+            rank = torch.arange(probs.shape[-1], device=probs.device).view(1, -1)
+            sorted_probs = sorted_probs.masked_fill(rank >= info.top_ks.view(-1, 1), 0.0)
+        if info.need_top_p:
+            cum = torch.cumsum(sorted_probs, dim=-1)
+            mass_before = cum - sorted_probs
+            limit = info.top_ps.view(-1, 1) * cum[:, -1:]
+            # Keep the smallest prefix reaching top_p; rows with top_p == 1 skip the test so float rounding
+            # in the cumsum can never cut their tail.
+            drop = (mass_before >= limit) & (info.top_ps.view(-1, 1) < 1.0)
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+    if info.need_min_p:
+        threshold = probs.amax(dim=-1, keepdim=True) * info.min_ps.view(-1, 1)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def exponential_noise(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """Exp(1) noise shaped like probs: seeded rows from the counter hash, the rest from torch's generator."""
+    rows = info.seeded_rows
+    if rows is None and info.seeds is not None:  # built by hand rather than by from_reqs
+        rows = torch.nonzero(info.seeds >= 0).squeeze(1)
+    if rows is not None and rows.numel() == probs.shape[0]:
+        return seeded_exponential(info.seeds, info.positions, probs.shape[-1])
+    # exponential_ may return an exact 0; 0/0 would make argmax pick a zero-probability token.
+    noise = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
+    if rows is not None:
+        seeded = seeded_exponential(info.seeds[rows], info.positions[rows], probs.shape[-1])
+        noise.index_copy_(0, rows, seeded)
+    return noise
+
+
+# splitmix64 constants, written as the int64 values with the same bit pattern.
+def _as_int64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _as_int64(0x9E3779B97F4A7C15)
+_MIX1 = _as_int64(0xBF58476D1CE4E5B9)
+_MIX2 = _as_int64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic: mask off the sign copies)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64_finalize(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output mix on int64 tensors; multiplication and addition wrap mod 2**64 like uint64."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def seeded_uniform_bits(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n, vocab] int64 hash of (seed, position, vocab index).
+
+    Each level walks a splitmix64 stream: the seed picks a stream, the position a point on it whose mix
+    keys a second stream, and the vocab index a point on that one.
+    """
+    stream = splitmix64_finalize(seeds.to(torch.int64) + _GOLDEN)
+    row_key = splitmix64_finalize(stream + (positions.to(torch.int64) + 1) * _GOLDEN)
+    vocab = (torch.arange(vocab_size, dtype=torch.int64, device=seeds.device) + 1) * _GOLDEN
+    return splitmix64_finalize(row_key.view(-1, 1) + vocab.view(1, -1))
+
+
+def seeded_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    bits = _shr(seeded_uniform_bits(seeds, positions, vocab_size), 41)  # top 23 bits
+    # (m + 0.5) / 2**23 is exact in float32 and lies strictly inside (0, 1), so -log(u) is finite and > 0.
+    u = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+    return -torch.log(u)
+
+
+def top_logprobs(logprobs: torch.Tensor, nums: List[int]) -> tuple[List[List[float]], List[List[int]]]:
+    k = max(nums, default=0)
+    if k <= 0:
+        return [[] for _ in nums], [[] for _ in nums]
+    vals, idx = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
+    # One host transfer for the whole batch, then per-request slicing in python.
+    vals_l, idx_l = vals.tolist(), idx.tolist()
+    return [v[:n] for v, n in zip(vals_l, nums)], [i[:n] for i, n in zip(idx_l, nums)]

@@ -1,0 +1,162 @@
+"""Messages between the HTTP process, the scheduler and the detokenizer.
+
+All travel over ZMQ as pickled dataclasses. The request id (`rid`) is carried end to end.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+
+def new_rid() -> str:
+    return uuid.uuid4().hex
+
+
+# ----------------------------------------------------------------------------- HTTP-facing inputs
+@dataclass
+class GenerateReqInput:
+    """SGLang's /generate payload: `text` or `input_ids`, single or batch."""
+
+    text: Optional[Union[str, List[str]]] = None
+    input_ids: Optional[Union[List[int], List[List[int]]]] = None
+    sampling_params: Optional[Union[Dict[str, Any], List[Dict[str, Any]]]] = None
+    rid: Optional[Union[str, List[str]]] = None
+    return_logprob: Optional[Union[bool, List[bool]]] = None
+    logprob_start_len: Optional[Union[int, List[int]]] = None
+    top_logprobs_num: Optional[Union[int, List[int]]] = None
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+
+    def is_single(self) -> bool:
+        if self.text is not None:
+            return isinstance(self.text, str)
+        return self.input_ids is not None and (len(self.input_ids) == 0 or isinstance(self.input_ids[0], int))
+
+    def batch_size(self) -> int:
+        if self.is_single():
+            return 1
+        return len(self.text if self.text is not None else self.input_ids)
+
+    def __getitem__(self, i: int) -> "GenerateReqInput":
+        """The i-th request of a batch, as a single request."""
+
+        def pick(v: Any) -> Any:
+            return v[i] if isinstance(v, list) else v
+
+        sp = self.sampling_params
+        return GenerateReqInput(
+            text=self.text[i] if self.text is not None else None,
+            input_ids=self.input_ids[i] if self.input_ids is not None else None,
+            sampling_params=sp[i] if isinstance(sp, list) else sp,
+            rid=self.rid[i] if isinstance(self.rid, list) else None,
+            return_logprob=pick(self.return_logprob),
+            logprob_start_len=pick(self.logprob_start_len),
+            top_logprobs_num=pick(self.top_logprobs_num),
+            return_text_in_logprobs=self.return_text_in_logprobs,
+            stream=self.stream,
+        )
+
+
+@dataclass
+class EmbeddingReqInput:
+    text: Optional[Union[str, List[str]]] = None
+    input_ids: Optional[Union[List[int], List[List[int]]]] = None
+    rid: Optional[Union[str, List[str]]] = None
+    truncate: bool = False
+
+
+# ----------------------------------------------------------------------------- tokenizer -> scheduler
+@dataclass
+class TokenizedGenerateReqInput:
+    rid: str
+    input_text: Optional[str]
+    input_ids: List[int]
+    sampling_params: Any  # SamplingParams, normalized
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    stream: bool = False
+
+
+@dataclass
+class TokenizedEmbeddingReqInput:
+    rid: str
+    input_text: Optional[str]
+    input_ids: List[int]
+    token_type_ids: Optional[List[int]] = None
+
+
+@dataclass
+class AbortReq:
+    rid: str = ""
+    abort_all: bool = False
+
+
+@dataclass
+class FlushCacheReqInput:
+    pass
+
+
+@dataclass
+class FlushCacheReqOutput:
+    success: bool
+    message: str = ""
+
+
+@dataclass
+class GetInternalStateReq:
+    pass
+
+
+@dataclass
+class GetInternalStateReqOutput:
+    state: Dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- scheduler -> detokenizer
+@dataclass
+class BatchTokenIDOut:
+    """One scheduler step's news, per request: the output ids produced since the last message."""
+
+    rids: List[str]
+    finished_reasons: List[Optional[Dict[str, Any]]]
+    new_output_ids: List[List[int]]
+    prompt_tokens: List[int]
+    completion_tokens: List[int]
+    cached_tokens: List[int]
+    skip_special_tokens: List[bool]
+    spaces_between_special_tokens: List[bool]
+    no_stop_trim: List[bool]
+    # Stop strings per request: the detokenizer holds back text that may still become one, and trims the match.
+    stop_strs: List[List[str]]
+    # Per request: list of (logprob, token_id) for the new tokens, or None when not asked for.
+    output_token_logprobs: List[Optional[List[Tuple[float, int]]]] = field(default_factory=list)
+    # Per request: per new token, list of (logprob, token_id), or None.
+    output_top_logprobs: List[Optional[List[List[Tuple[float, int]]]]] = field(default_factory=list)
+    input_token_logprobs: List[Optional[List[Tuple[Optional[float], int]]]] = field(default_factory=list)
+
+
+@dataclass
+class BatchEmbeddingOut:
+    rids: List[str]
+    embeddings: List[List[float]]
+    prompt_tokens: List[int]
+    finished_reasons: List[Optional[Dict[str, Any]]]
+
+
+# ----------------------------------------------------------------------------- detokenizer -> tokenizer
+@dataclass
+class BatchStrOut:
+    rids: List[str]
+    finished_reasons: List[Optional[Dict[str, Any]]]
+    # Text produced since the last message for this request (already stop-trimmed at the end).
+    new_texts: List[str]
+    new_output_ids: List[List[int]]
+    prompt_tokens: List[int]
+    completion_tokens: List[int]
+    cached_tokens: List[int]
+    output_token_logprobs: List[Optional[List[Tuple[float, int]]]] = field(default_factory=list)
+    output_top_logprobs: List[Optional[List[List[Tuple[float, int]]]]] = field(default_factory=list)
+    input_token_logprobs: List[Optional[List[Tuple[Optional[float], int]]]] = field(default_factory=list)

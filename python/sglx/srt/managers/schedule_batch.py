@@ -1,0 +1,277 @@
+"""Req and ScheduleBatch: the scheduler's CPU-side state of requests and of the batch it runs next.
+
+KV bookkeeping of a request: `req_to_token[req.req_pool_idx, :req.kv_len]` are the KV slots of its first
+`kv_len` tokens (prompt + output). Everything but the newest output token has KV once a step finishes; the
+prefix part of those slots (`prefix_indices`) is owned by the prefix cache and locked through `last_node`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import torch
+
+from sglx.srt.mem_cache.base_prefix_cache import BasePrefixCache
+from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
+from sglx.srt.sampling.sampling_batch_info import SamplingBatchInfo
+from sglx.srt.sampling.sampling_params import SamplingParams
+
+
+class FinishReason(Enum):
+    STOP = auto()
+    LENGTH = auto()
+    ABORT = auto()
+
+
+def finish_stop(matched: Any) -> Dict[str, Any]:
+    return {"type": "stop", "matched": matched}
+
+
+def finish_length(length: int) -> Dict[str, Any]:
+    return {"type": "length", "length": length}
+
+
+def finish_abort(message: str, status_code: int = 400) -> Dict[str, Any]:
+    return {"type": "abort", "message": message, "status_code": status_code}
+
+
+class Req:
+    def __init__(
+        self,
+        rid: str,
+        origin_input_text: Optional[str],
+        origin_input_ids: List[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: Set[int],
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+        max_seq_len: int = 1 << 30,
+    ) -> None:
+        self.rid = rid
+        self.origin_input_text = origin_input_text
+        self.origin_input_ids = origin_input_ids
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        self.return_logprob = return_logprob
+        self.top_logprobs_num = top_logprobs_num
+        self.stream = stream
+        self.max_seq_len = max_seq_len  # min(context length, KV pool size): a request never outgrows it
+
+        self.output_ids: List[int] = []
+        self.finished_reason: Optional[Dict[str, Any]] = None
+        self.to_abort: Optional[str] = None
+
+        # KV state
+        self.req_pool_idx: Optional[int] = None
+        self.prefix_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
+        self.last_node: Any = None
+        self.kv_len = 0
+        self.fill_ids: List[int] = []
+        self.extend_input_len = 0
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache, reported to the user
+        self.is_chunked = False
+        self.num_prefills = 0
+        self.retract_count = 0
+
+        # Output streaming: how many output ids / logprobs were already sent.
+        self.send_offset = 0
+        self.output_token_logprobs: List[Tuple[float, int]] = []
+        self.output_top_logprobs: List[List[Tuple[float, int]]] = []
+
+    # ---------------------------------------------------------------- state
+    @property
+    def seqlen(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    def all_ids(self) -> List[int]:
+        return self.origin_input_ids + self.output_ids
+
+    def kv_token_ids(self) -> List[int]:
+        return self.all_ids()[: self.kv_len]
+
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    def init_next_round_input(self, tree_cache: BasePrefixCache) -> None:
+        """Match the longest cached prefix of what must be in KV after the next prefill (at least one token
+        is always computed, so the prefill has a position to take logits from)."""
+        self.fill_ids = self.all_ids()
+        if self.is_chunked:
+            # A chunked prefill continues from its own slots, already locked in the tree.
+            self.extend_input_len = len(self.fill_ids) - len(self.prefix_indices)
+            return
+        match = tree_cache.match_prefix(self.fill_ids[: len(self.fill_ids) - 1])
+        self.prefix_indices, self.last_node = match.device_indices, match.last_node
+        self.extend_input_len = len(self.fill_ids) - len(self.prefix_indices)
+
+    def reset_for_retract(self) -> None:
+        self.req_pool_idx = None
+        self.prefix_indices = torch.empty(0, dtype=torch.int64)
+        self.last_node = None
+        self.kv_len = 0
+        self.is_chunked = False
+        self.retract_count += 1
+
+    # ---------------------------------------------------------------- finishing
+    def check_finished(self, tokenizer: Any) -> None:
+        if self.finished():
+            return
+        if self.to_abort is not None:
+            self.finished_reason = finish_abort(self.to_abort)
+            return
+        sp = self.sampling_params
+        n_out = len(self.output_ids)
+        if n_out == 0:
+            return
+        last = self.output_ids[-1]
+        if n_out >= sp.min_new_tokens:
+            if sp.stop_token_ids and last in sp.stop_token_ids:
+                self.finished_reason = finish_stop(last)
+                return
+            if not sp.ignore_eos and last in self.eos_token_ids:
+                self.finished_reason = finish_stop(last)
+                return
+            if sp.stop_strs and tokenizer is not None:
+                tail = tokenizer.decode(self.output_ids[-(sp.stop_str_max_len + 2) :])
+                for s in sp.stop_strs:
+                    if s in tail:
+                        self.finished_reason = finish_stop(s)
+                        return
+        if sp.max_new_tokens is not None and n_out >= sp.max_new_tokens:
+            self.finished_reason = finish_length(sp.max_new_tokens)
+        elif self.seqlen >= self.max_seq_len:
+            self.finished_reason = finish_length(n_out)
+
+    def __repr__(self) -> str:
+        return f"Req(rid={self.rid}, input={len(self.origin_input_ids)}, output={len(self.output_ids)})"
+
+
+class ScheduleBatch:
+    """The requests of one forward step and the KV slots their new tokens go to."""
+
+    def __init__(self, reqs: List[Req], forward_mode: ForwardMode, ctx: "BatchContext") -> None:
+        self.reqs = reqs
+        self.forward_mode = forward_mode
+        self.ctx = ctx
+        self.input_ids: List[int] = []
+        self.seq_lens: List[int] = []
+        self.prefix_lens: List[int] = []
+        self.out_cache_loc: Optional[torch.Tensor] = None
+
+    def is_empty(self) -> bool:
+        return not self.reqs
+
+    def batch_size(self) -> int:
+        return len(self.reqs)
+
+    # ---------------------------------------------------------------- extend
+    def prepare_for_extend(self) -> None:
+        """Give each request a ReqToTokenPool row and KV slots for its new tokens (the caller checked that
+        enough memory is free or evictable)."""
+        ctx = self.ctx
+        self.input_ids, self.seq_lens, self.prefix_lens = [], [], []
+        last_locs = []
+        for r in self.reqs:
+            if r.req_pool_idx is None:
+                r.req_pool_idx = ctx.req_to_token_pool.alloc()
+                if r.req_pool_idx is None:
+                    raise RuntimeError("ReqToTokenPool exhausted; --max-running-requests bookkeeping is off")
+                if len(r.prefix_indices):
+                    ctx.req_to_token_pool.write(r.req_pool_idx, 0, r.prefix_indices)
+            pre = len(r.prefix_indices)
+            self.prefix_lens.append(pre)
+            self.seq_lens.append(len(r.fill_ids))
+            self.input_ids.extend(r.fill_ids[pre:])
+            last_locs.append(int(ctx.req_to_token_pool.req_to_token[r.req_pool_idx, pre - 1]) if pre else -1)
+        n = len(self.input_ids)
+        loc = ctx.alloc_with_evict(
+            lambda: ctx.allocator.alloc_extend(self.prefix_lens, self.seq_lens, last_locs, n), n
+        )
+        self.out_cache_loc = loc
+        off = 0
+        for r, pre, seq in zip(self.reqs, self.prefix_lens, self.seq_lens):
+            ctx.req_to_token_pool.write(r.req_pool_idx, pre, loc[off : off + seq - pre])
+            off += seq - pre
+            r.kv_len = seq
+
+    # ---------------------------------------------------------------- decode
+    def decode_tokens_needed(self) -> int:
+        page = self.ctx.page_size
+        if page == 1:
+            return len(self.reqs)
+        return sum(page for r in self.reqs if r.kv_len % page == 0)
+
+    def prepare_for_decode(self) -> None:
+        ctx = self.ctx
+        self.forward_mode = ForwardMode.DECODE
+        self.input_ids = [r.output_ids[-1] for r in self.reqs]
+        self.prefix_lens = [r.kv_len for r in self.reqs]
+        self.seq_lens = [r.kv_len + 1 for r in self.reqs]
+        rows = torch.tensor([r.req_pool_idx for r in self.reqs], dtype=torch.int64)
+        cols = torch.tensor([r.kv_len - 1 for r in self.reqs], dtype=torch.int64)
+        last_locs = ctx.req_to_token_pool.req_to_token[rows, cols].tolist()
+        loc = ctx.alloc_with_evict(
+            lambda: ctx.allocator.alloc_decode(self.seq_lens, last_locs), self.decode_tokens_needed()
+        )
+        self.out_cache_loc = loc
+        ctx.req_to_token_pool.req_to_token[rows.to(ctx.req_to_token_pool.req_to_token.device),
+                                           cols.to(ctx.req_to_token_pool.req_to_token.device) + 1] = loc.to(
+            ctx.req_to_token_pool.req_to_token.dtype
+        )
+        for r in self.reqs:
+            r.kv_len += 1
+
+    # ---------------------------------------------------------------- composition
+    def filter_batch(self, keep: Optional[List[Req]] = None) -> None:
+        self.reqs = [r for r in (keep if keep is not None else self.reqs) if not r.finished()]
+
+    def merge(self, other: "ScheduleBatch") -> None:
+        self.reqs.extend(other.reqs)
+
+    def get_model_worker_batch(self) -> ModelWorkerBatch:
+        ctx = self.ctx
+        return_logprob = any(r.return_logprob for r in self.reqs)
+        return ModelWorkerBatch(
+            forward_mode=self.forward_mode,
+            input_ids=self.input_ids,
+            req_pool_indices=[r.req_pool_idx for r in self.reqs],
+            seq_lens=self.seq_lens,
+            prefix_lens=self.prefix_lens,
+            out_cache_loc=self.out_cache_loc,
+            sampling_info=SamplingBatchInfo.from_reqs(self.reqs, ctx.vocab_size, ctx.device),
+            return_logprob=return_logprob,
+            top_logprobs_nums=[r.top_logprobs_num for r in self.reqs] if return_logprob else None,
+        )
+
+
+class BatchContext:
+    """What a ScheduleBatch needs from the scheduler's memory managers."""
+
+    def __init__(self, req_to_token_pool, allocator, tree_cache: BasePrefixCache, page_size: int,
+                 vocab_size: int, device: torch.device) -> None:
+        self.req_to_token_pool = req_to_token_pool
+        self.allocator = allocator
+        self.tree_cache = tree_cache
+        self.page_size = page_size
+        self.vocab_size = vocab_size
+        self.device = device
+
+    def available_tokens(self) -> int:
+        return self.allocator.available_size() + self.tree_cache.evictable_size()
+
+    def alloc_with_evict(self, alloc, num_tokens: int) -> torch.Tensor:
+        if self.allocator.available_size() < num_tokens:
+            self.tree_cache.evict(num_tokens - self.allocator.available_size())
+        loc = alloc()
+        if loc is None:
+            # Page-granular allocation can need a little more than num_tokens; evict generously once.
+            self.tree_cache.evict(num_tokens + self.page_size * 64)
+            loc = alloc()
+        if loc is None:
+            raise RuntimeError(
+                f"KV pool exhausted: need {num_tokens}, free {self.allocator.available_size()}, "
+                f"evictable {self.tree_cache.evictable_size()}"
+            )
+        return loc

@@ -1,0 +1,369 @@
+"""The scheduler process: receives tokenized requests, forms batches, runs the model, streams token ids out.
+
+One loop iteration: take new messages -> pick the next batch (a prefill of waiting requests if any fit, else
+one decode step of the running ones) -> run it -> append tokens, finish requests, free or cache their KV ->
+send the news to the detokenizer. Decode memory that runs out retracts requests back to the waiting queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import zmq
+
+from sglx.srt.configs.model_config import ModelConfig
+from sglx.srt.hf_transformers_utils import get_eos_token_ids, get_tokenizer
+from sglx.srt.managers.io_struct import (
+    AbortReq,
+    BatchTokenIDOut,
+    FlushCacheReqInput,
+    FlushCacheReqOutput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
+    TokenizedGenerateReqInput,
+)
+from sglx.srt.managers.schedule_batch import BatchContext, Req, ScheduleBatch, finish_abort
+from sglx.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy, reserved_decode_tokens
+from sglx.srt.mem_cache.chunk_cache import ChunkCache
+from sglx.srt.mem_cache.radix_cache import RadixCache
+from sglx.srt.model_executor.forward_batch import ForwardMode
+from sglx.srt.model_executor.model_runner import ModelRunner
+from sglx.srt.server_args import ServerArgs
+from sglx.srt.utils import PortArgs, get_zmq_socket
+
+logger = logging.getLogger(__name__)
+
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+
+
+class Scheduler:
+    def __init__(self, server_args: ServerArgs, port_args: Optional[PortArgs]) -> None:
+        self.server_args = server_args
+        self.model_config = ModelConfig.from_path(
+            server_args.model_path, dtype=server_args.dtype, context_length=server_args.context_length,
+            is_embedding=server_args.is_embedding, device=server_args.device,
+        )
+        self.tokenizer = get_tokenizer(server_args.tokenizer_path)
+        self.eos_token_ids = get_eos_token_ids(self.tokenizer, self.model_config.hf_config)
+        self.runner = ModelRunner(self.model_config, server_args)
+        self.page_size = server_args.page_size
+        self.max_total_num_tokens = self.runner.max_total_num_tokens
+        # A request never outgrows the pool, so one request alone can always make progress.
+        self.max_req_len = min(self.model_config.context_len, self.max_total_num_tokens - self.page_size)
+        cache_cls = ChunkCache if server_args.disable_radix_cache else RadixCache
+        self.tree_cache = cache_cls(self.runner.req_to_token_pool, self.runner.token_to_kv_pool_allocator, self.page_size)
+        self.ctx = BatchContext(
+            self.runner.req_to_token_pool, self.runner.token_to_kv_pool_allocator, self.tree_cache,
+            self.page_size, self.model_config.vocab_size, self.runner.device,
+        )
+        self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache, server_args.random_seed)
+        self.max_running_requests = self.runner.max_running_requests
+        self.chunked_prefill_size = server_args.chunked_prefill_size if server_args.chunked_prefill_size > 0 else None
+        self.max_prefill_tokens = max(server_args.max_prefill_tokens, self.max_req_len)
+
+        self.waiting_queue: List[Req] = []
+        self.running_reqs: List[Req] = []
+        self.chunked_req: Optional[Req] = None
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.forward_ct = 0
+        self.num_retracted = 0
+
+        if port_args is not None:
+            ctx = zmq.Context(2)
+            self.recv_from_tokenizer = get_zmq_socket(ctx, zmq.PULL, port_args.scheduler_input_ipc, bind=True)
+            self.send_to_detokenizer = get_zmq_socket(ctx, zmq.PUSH, port_args.detokenizer_ipc, bind=False)
+            self.send_to_tokenizer = get_zmq_socket(ctx, zmq.PUSH, port_args.tokenizer_ipc, bind=False)
+            self.poller = zmq.Poller()
+            self.poller.register(self.recv_from_tokenizer, zmq.POLLIN)
+
+    # ------------------------------------------------------------------ info
+    def ready_info(self) -> Dict[str, Any]:
+        return {
+            "max_total_num_tokens": self.max_total_num_tokens,
+            "max_req_input_len": self.max_req_len - 1,
+            "context_len": self.model_config.context_len,
+            "vocab_size": self.model_config.vocab_size,
+            "max_running_requests": self.max_running_requests,
+        }
+
+    def internal_state(self) -> Dict[str, Any]:
+        alloc = self.runner.token_to_kv_pool_allocator
+        free, evictable = alloc.available_size(), self.tree_cache.evictable_size()
+        protected = self.tree_cache.protected_size()
+        idle = self.is_idle()
+        return {
+            "max_total_num_tokens": self.max_total_num_tokens,
+            "available_kv_tokens": free,
+            "evictable_kv_tokens": evictable,
+            "protected_kv_tokens": protected,
+            "num_running_reqs": len(self.running_reqs),
+            "num_waiting_reqs": len(self.waiting_queue),
+            "num_retracted_reqs": self.num_retracted,
+            "is_idle": idle,
+            # The invariant: idle => every KV slot is free or held (unlocked) by the prefix cache.
+            "kv_leak_free": (not idle) or (free + evictable == self.max_total_num_tokens and protected == 0),
+            "page_size": self.page_size,
+            "new_token_ratio": self.new_token_ratio,
+        }
+
+    def is_idle(self) -> bool:
+        return not self.running_reqs and not self.waiting_queue and self.chunked_req is None
+
+    # ------------------------------------------------------------------ loop
+    def event_loop(self) -> None:
+        while True:
+            self.recv_requests(block=self.is_idle())
+            batch = self.get_next_batch_to_run()
+            if batch is not None:
+                self.run_batch(batch)
+            elif self.is_idle():
+                self.check_memory()
+
+    def recv_requests(self, block: bool) -> None:
+        timeout = None if block else 0
+        while True:
+            events = dict(self.poller.poll(timeout))
+            if self.recv_from_tokenizer not in events:
+                return
+            self.process_input(self.recv_from_tokenizer.recv_pyobj())
+            timeout = 0
+
+    def process_input(self, msg: Any) -> None:
+        if isinstance(msg, TokenizedGenerateReqInput):
+            self.handle_generate_request(msg)
+        elif isinstance(msg, AbortReq):
+            self.abort_request(msg)
+        elif isinstance(msg, FlushCacheReqInput):
+            self.send_to_tokenizer.send_pyobj(self.flush_cache())
+        elif isinstance(msg, GetInternalStateReq):
+            self.send_to_tokenizer.send_pyobj(GetInternalStateReqOutput(self.internal_state()))
+        else:
+            logger.error("scheduler got an unknown message %r", type(msg))
+
+    def handle_generate_request(self, m: TokenizedGenerateReqInput) -> None:
+        sp = m.sampling_params
+        req = Req(m.rid, m.input_text, list(m.input_ids), sp, self.eos_token_ids, m.return_logprob,
+                  m.top_logprobs_num, m.stream, max_seq_len=self.max_req_len)
+        if not req.origin_input_ids:
+            req.finished_reason = finish_abort("the prompt is empty")
+        elif len(req.origin_input_ids) >= self.max_req_len:
+            req.finished_reason = finish_abort(
+                f"the prompt has {len(req.origin_input_ids)} tokens; the limit is {self.max_req_len - 1}"
+            )
+        if req.finished():
+            self.stream_output([req])
+            return
+        if sp.max_new_tokens is None or sp.max_new_tokens > self.max_req_len - len(req.origin_input_ids):
+            # Leave room for the whole generation inside the context and the pool.
+            sp.max_new_tokens = min(
+                sp.max_new_tokens if sp.max_new_tokens is not None else 1 << 30,
+                self.max_req_len - len(req.origin_input_ids),
+            )
+        self.waiting_queue.append(req)
+
+    def abort_request(self, m: AbortReq) -> None:
+        for r in list(self.waiting_queue):
+            if m.abort_all or r.rid == m.rid:
+                self.waiting_queue.remove(r)
+                if r.req_pool_idx is not None:  # a retracted request holds nothing; be safe anyway
+                    self.tree_cache.cache_finished_req(r, r.kv_token_ids())
+                r.finished_reason = finish_abort("aborted by the client")
+                self.stream_output([r])
+        for r in self.running_reqs + ([self.chunked_req] if self.chunked_req else []):
+            if m.abort_all or r.rid == m.rid:
+                r.to_abort = "aborted by the client"
+
+    def flush_cache(self) -> FlushCacheReqOutput:
+        if not self.is_idle():
+            return FlushCacheReqOutput(False, "cache not flushed: requests are running or waiting")
+        self.tree_cache.reset()
+        self.runner.req_to_token_pool.clear()
+        self.runner.token_to_kv_pool_allocator.clear()
+        return FlushCacheReqOutput(True, "cache flushed")
+
+    def check_memory(self) -> None:
+        state = self.internal_state()
+        if not state["kv_leak_free"]:
+            logger.error("KV leak while idle: %s", state)
+
+    # ------------------------------------------------------------------ batching
+    def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
+        batch = self.get_new_batch_prefill()
+        if batch is not None:
+            return batch
+        if not self.running_reqs:
+            return None
+        return self.prepare_decode_batch()
+
+    def get_new_batch_prefill(self) -> Optional[ScheduleBatch]:
+        if not self.waiting_queue and self.chunked_req is None:
+            return None
+        running = len(self.running_reqs)
+        if running >= self.max_running_requests and self.chunked_req is None:
+            return None
+        self.policy.sort(self.waiting_queue)
+        reserved = sum(reserved_decode_tokens(r, self.new_token_ratio) for r in self.running_reqs)
+        adder = PrefillAdder(
+            self.tree_cache,
+            rem_total_tokens=self.ctx.available_tokens() - reserved,
+            rem_input_tokens=self.max_prefill_tokens,
+            rem_chunk_tokens=self.chunked_prefill_size,
+            rem_running_slots=self.max_running_requests - running,
+            page_size=self.page_size,
+            new_token_ratio=self.new_token_ratio,
+        )
+        if self.chunked_req is not None:
+            self.chunked_req.init_next_round_input(self.tree_cache)
+            adder.rem_running_slots += 1  # it is not counted among the running requests
+            adder.add_one_req(self.chunked_req)
+        for req in self.waiting_queue:
+            if not adder.add_one_req(req):
+                break
+        if not adder.can_run:
+            return None
+        admitted = set(id(r) for r in adder.can_run)
+        self.waiting_queue = [r for r in self.waiting_queue if id(r) not in admitted]
+        self.chunked_req = adder.new_chunked_req
+        batch = ScheduleBatch(adder.can_run, ForwardMode.EXTEND, self.ctx)
+        for r in batch.reqs:
+            if r.num_prefills == 0:  # later chunks and resumes hit their own KV: not a cache hit for the user
+                r.cached_tokens = len(r.prefix_indices)
+            r.num_prefills += 1
+        batch.prepare_for_extend()
+        return batch
+
+    def prepare_decode_batch(self) -> ScheduleBatch:
+        batch = ScheduleBatch(self.running_reqs, ForwardMode.DECODE, self.ctx)
+        while batch.decode_tokens_needed() > self.ctx.available_tokens() and len(batch.reqs) > 1:
+            self.retract_one(batch)
+        self.new_token_ratio = max(self.new_token_ratio - NEW_TOKEN_RATIO_DECAY, MIN_NEW_TOKEN_RATIO)
+        batch.prepare_for_decode()
+        return batch
+
+    def retract_one(self, batch: ScheduleBatch) -> None:
+        """Give a running request's KV back (to the prefix cache, where it is evictable) and queue it again;
+        it resumes later by re-prefilling its prompt plus what it generated so far."""
+        victim = min(batch.reqs, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
+        batch.reqs.remove(victim)
+        self.running_reqs = batch.reqs
+        self.tree_cache.cache_finished_req(victim, victim.kv_token_ids())
+        victim.reset_for_retract()
+        self.waiting_queue.insert(0, victim)
+        self.num_retracted += 1
+        self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
+        logger.info("retracted %s (KV pool full); %d still running", victim.rid, len(batch.reqs))
+
+    # ------------------------------------------------------------------ running
+    def run_batch(self, batch: ScheduleBatch) -> None:
+        result = self.runner.forward_batch_generation(batch.get_model_worker_batch())
+        out = result.sampler_output
+        next_ids = out.next_token_ids.tolist()
+        logprobs = out.next_token_logprobs.tolist() if out.next_token_logprobs is not None else None
+        self.forward_ct += 1
+        if batch.forward_mode.is_extend():
+            self.process_prefill_result(batch, next_ids, logprobs, out)
+        else:
+            self.process_decode_result(batch, next_ids, logprobs, out)
+
+    def _append_token(self, i: int, req: Req, tok: int, logprobs, out) -> None:
+        req.output_ids.append(tok)
+        if req.return_logprob and logprobs is not None:
+            req.output_token_logprobs.append((logprobs[i], tok))
+            if req.top_logprobs_num > 0 and out.top_logprobs_val is not None:
+                req.output_top_logprobs.append(list(zip(out.top_logprobs_val[i], out.top_logprobs_idx[i])))
+
+    def process_prefill_result(self, batch: ScheduleBatch, next_ids, logprobs, out) -> None:
+        for i, req in enumerate(batch.reqs):
+            if req is self.chunked_req:
+                # Only part of the prompt ran: cache it (so the next chunk continues from it), sample nothing.
+                self.tree_cache.cache_unfinished_req(req, req.fill_ids)
+                if req.to_abort is not None:
+                    self.chunked_req = None
+                    req.is_chunked = False
+                    req.check_finished(self.tokenizer)
+                    self.finish_req(req)
+                continue
+            req.is_chunked = False
+            if req.sampling_params.max_new_tokens == 0:
+                req.finished_reason = {"type": "length", "length": 0}
+            else:
+                self._append_token(i, req, next_ids[i], logprobs, out)
+                req.check_finished(self.tokenizer)
+            if req.finished():
+                self.finish_req(req)
+            else:
+                # Insert the prompt now so that concurrent requests with the same prefix share it.
+                self.tree_cache.cache_unfinished_req(req, req.fill_ids)
+                self.running_reqs.append(req)
+        self.stream_output(batch.reqs)
+
+    def process_decode_result(self, batch: ScheduleBatch, next_ids, logprobs, out) -> None:
+        for i, req in enumerate(batch.reqs):
+            self._append_token(i, req, next_ids[i], logprobs, out)
+            req.check_finished(self.tokenizer)
+            if req.finished():
+                self.finish_req(req)
+        self.running_reqs = [r for r in batch.reqs if not r.finished()]
+        self.stream_output(batch.reqs)
+
+    def finish_req(self, req: Req) -> None:
+        self.tree_cache.cache_finished_req(req, req.kv_token_ids())
+
+    # ------------------------------------------------------------------ output
+    def stream_output(self, reqs: List[Req]) -> None:
+        out = BatchTokenIDOut([], [], [], [], [], [], [], [], [], [])
+        for r in reqs:
+            if r is self.chunked_req and not r.finished():
+                continue
+            if not r.finished() and not r.stream:
+                continue
+            new_ids = r.output_ids[r.send_offset :]
+            if not new_ids and not r.finished():
+                continue
+            sp = r.sampling_params
+            out.rids.append(r.rid)
+            out.finished_reasons.append(r.finished_reason)
+            out.new_output_ids.append(new_ids)
+            out.prompt_tokens.append(len(r.origin_input_ids))
+            out.completion_tokens.append(len(r.output_ids))
+            out.cached_tokens.append(r.cached_tokens)
+            out.skip_special_tokens.append(sp.skip_special_tokens)
+            out.spaces_between_special_tokens.append(sp.spaces_between_special_tokens)
+            out.no_stop_trim.append(sp.no_stop_trim)
+            out.stop_strs.append(sp.stop_strs)
+            if r.return_logprob:
+                out.output_token_logprobs.append(r.output_token_logprobs[r.send_offset :])
+                out.output_top_logprobs.append(
+                    r.output_top_logprobs[r.send_offset :] if r.top_logprobs_num > 0 else None
+                )
+            else:
+                out.output_token_logprobs.append(None)
+                out.output_top_logprobs.append(None)
+            out.input_token_logprobs.append(None)
+            r.send_offset = len(r.output_ids)
+        if out.rids:
+            self.send_to_detokenizer.send_pyobj(out)
+
+
+def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, pipe_writer: Any) -> None:
+    from sglx.srt.utils import configure_logger, set_parent_death_signal
+
+    set_parent_death_signal()
+    configure_logger(server_args, prefix="scheduler")
+    try:
+        scheduler = Scheduler(server_args, port_args)
+        pipe_writer.send({"status": "ready", **scheduler.ready_info()})
+    except Exception as e:  # report start-up failures to the launcher instead of dying silently
+        logger.exception("scheduler failed to start")
+        pipe_writer.send({"status": "error", "error": f"{type(e).__name__}: {e}"})
+        raise SystemExit(1)
+    try:
+        scheduler.event_loop()
+    except Exception:
+        logger.exception("scheduler crashed")
+        raise SystemExit(1)

@@ -1,0 +1,282 @@
+"""TokenizerManager: lives in the HTTP process; tokenizes, validates, sends to the scheduler, and turns the
+detokenizer's deltas back into per-request outputs (streamed or whole)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Deque, Dict, List, Optional
+
+import zmq
+import zmq.asyncio
+
+from sglx.srt.hf_transformers_utils import get_tokenizer
+from sglx.srt.managers.io_struct import (
+    AbortReq,
+    BatchEmbeddingOut,
+    BatchStrOut,
+    FlushCacheReqInput,
+    FlushCacheReqOutput,
+    GenerateReqInput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
+    TokenizedGenerateReqInput,
+    new_rid,
+)
+from sglx.srt.sampling.sampling_params import SamplingParams
+from sglx.srt.server_args import ServerArgs
+from sglx.srt.utils import PortArgs, get_zmq_socket
+
+logger = logging.getLogger(__name__)
+
+CLIENT_ABORT = "aborted by the client"
+DISCONNECT_POLL_S = 1.0
+
+
+@dataclass
+class ReqState:
+    stream: bool
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    text: str = ""
+    output_ids: List[int] = field(default_factory=list)
+    finished_reason: Optional[Dict[str, Any]] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+    token_logprobs: List[Any] = field(default_factory=list)
+    top_logprobs: List[Any] = field(default_factory=list)
+    return_logprob: bool = False
+    top_n: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+
+class TokenizerManager:
+    def __init__(self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: Dict[str, Any]) -> None:
+        self.server_args = server_args
+        self.served_model_name = server_args.served_model_name
+        self.model_path = server_args.model_path
+        self.tokenizer = get_tokenizer(server_args.tokenizer_path)
+        self.context_len: int = scheduler_info["context_len"]
+        self.max_req_input_len: int = scheduler_info["max_req_input_len"]
+        self.vocab_size: int = scheduler_info["vocab_size"]
+        self.scheduler_info = scheduler_info
+        ctx = zmq.asyncio.Context(2)
+        self.recv_from_detokenizer = get_zmq_socket(ctx, zmq.PULL, port_args.tokenizer_ipc, bind=True)
+        self.send_to_scheduler = get_zmq_socket(ctx, zmq.PUSH, port_args.scheduler_input_ipc, bind=False)
+        self.rid_to_state: Dict[str, ReqState] = {}
+        self.pending_control: Deque[asyncio.Future] = deque()
+        self._loop_task: Optional[asyncio.Task] = None
+        self._token_text_cache: Dict[int, str] = {}
+
+    # ------------------------------------------------------------------ background receive loop
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._handle_loop())
+
+    async def _handle_loop(self) -> None:
+        while True:
+            msg = await self.recv_from_detokenizer.recv_pyobj()
+            try:
+                self._dispatch(msg)
+            except Exception:  # one bad message must not stop every other request
+                logger.exception("error while handling %s", type(msg).__name__)
+
+    def _dispatch(self, msg: Any) -> None:
+        if isinstance(msg, BatchStrOut):
+            for i, rid in enumerate(msg.rids):
+                st = self.rid_to_state.get(rid)
+                if st is None:
+                    continue
+                st.text += msg.new_texts[i]
+                st.output_ids.extend(msg.new_output_ids[i])
+                st.finished_reason = msg.finished_reasons[i]
+                st.meta = {"prompt_tokens": msg.prompt_tokens[i], "completion_tokens": msg.completion_tokens[i],
+                           "cached_tokens": msg.cached_tokens[i]}
+                if msg.output_token_logprobs and msg.output_token_logprobs[i]:
+                    st.token_logprobs.extend(msg.output_token_logprobs[i])
+                if msg.output_top_logprobs and msg.output_top_logprobs[i]:
+                    st.top_logprobs.extend(msg.output_top_logprobs[i])
+                st.event.set()
+        elif isinstance(msg, BatchEmbeddingOut):
+            for i, rid in enumerate(msg.rids):
+                st = self.rid_to_state.get(rid)
+                if st is None:
+                    continue
+                st.meta = {"prompt_tokens": msg.prompt_tokens[i], "embedding": msg.embeddings[i]}
+                st.finished_reason = msg.finished_reasons[i] or {"type": "length", "length": 0}
+                st.event.set()
+        elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput)):
+            if self.pending_control:
+                fut = self.pending_control.popleft()
+                if not fut.done():
+                    fut.set_result(msg)
+        else:
+            logger.error("tokenizer manager got an unknown message %r", type(msg))
+
+    # ------------------------------------------------------------------ generate
+    def _tokenize(self, obj: GenerateReqInput) -> TokenizedGenerateReqInput:
+        if obj.text is None and obj.input_ids is None:
+            raise ValueError("either text or input_ids is required")
+        if obj.text is not None and obj.input_ids is not None:
+            raise ValueError("give either text or input_ids, not both")
+        if obj.text is not None:
+            if not isinstance(obj.text, str):
+                raise ValueError("text must be a string or a list of strings")
+            input_ids = self.tokenizer.encode(obj.text)
+        else:
+            ids = obj.input_ids
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("input_ids must be a list of integers or a list of lists of integers")
+            if any(t < 0 or t >= self.vocab_size for t in ids):
+                raise ValueError(f"input_ids must be in [0, {self.vocab_size})")
+            input_ids = list(ids)
+        if not input_ids:
+            raise ValueError("the prompt is empty")
+        if len(input_ids) > self.max_req_input_len:
+            raise ValueError(
+                f"The input ({len(input_ids)} tokens) is longer than the model's context length "
+                f"({self.max_req_input_len} tokens)."
+            )
+        sp_dict = obj.sampling_params or {}
+        if not isinstance(sp_dict, dict):
+            raise ValueError("sampling_params must be an object")
+        sp = SamplingParams.from_dict(sp_dict)
+        sp.verify(self.vocab_size)
+        sp.normalize()
+        top_n = obj.top_logprobs_num or 0
+        if not isinstance(top_n, int) or isinstance(top_n, bool) or not 0 <= top_n <= 20:
+            raise ValueError("top_logprobs_num must be an integer in [0, 20]")
+        return TokenizedGenerateReqInput(
+            rid=obj.rid or new_rid(), input_text=obj.text if isinstance(obj.text, str) else None,
+            input_ids=input_ids, sampling_params=sp, return_logprob=bool(obj.return_logprob or top_n),
+            logprob_start_len=obj.logprob_start_len if obj.logprob_start_len is not None else -1,
+            top_logprobs_num=top_n, stream=obj.stream,
+        )
+
+    async def generate_request(self, obj: GenerateReqInput, request: Any = None) -> AsyncIterator[Any]:
+        """See the contract in docs/architecture.md: single requests yield dicts with cumulative text;
+        a non-streamed batch yields one list; a streamed batch yields dicts tagged with "index"."""
+        self._ensure_loop()
+        if obj.is_single():
+            tokenized = self._tokenize(obj)
+            async for out in self._wait_one(tokenized, obj.return_text_in_logprobs, request):
+                yield out
+            return
+        n = obj.batch_size()
+        if n == 0:
+            raise ValueError("the batch is empty")
+        if isinstance(obj.sampling_params, list) and len(obj.sampling_params) != n:
+            raise ValueError("sampling_params list must have one entry per prompt")
+        tokenized = [self._tokenize(obj[i]) for i in range(n)]  # validate all before sending any
+        gens = [self._wait_one(t, obj.return_text_in_logprobs, request) for t in tokenized]
+        if not obj.stream:
+            results = await asyncio.gather(*[_last(g) for g in gens])
+            yield list(results)
+            return
+        async for out in _merge_streams(gens):
+            yield out
+
+    async def _wait_one(self, t: TokenizedGenerateReqInput, with_text: bool, request: Any) -> AsyncIterator[Dict]:
+        if t.rid in self.rid_to_state:
+            raise ValueError(f"duplicate request id {t.rid}")
+        st = ReqState(stream=t.stream, return_logprob=t.return_logprob, top_n=t.top_logprobs_num)
+        self.rid_to_state[t.rid] = st
+        self.send_to_scheduler.send_pyobj(t)
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(st.event.wait(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        self.abort_request(t.rid)
+                        return
+                    continue
+                st.event.clear()
+                if st.finished:
+                    fr = st.finished_reason
+                    if fr.get("type") == "abort" and fr.get("message") != CLIENT_ABORT and not st.output_ids:
+                        raise ValueError(fr.get("message", "request aborted"))
+                    yield self._make_output(t.rid, st, with_text)
+                    return
+                if st.stream:
+                    yield self._make_output(t.rid, st, with_text)
+        finally:
+            self.rid_to_state.pop(t.rid, None)
+            if not st.finished:
+                self.abort_request(t.rid)  # the consumer went away (disconnect, cancellation)
+
+    def _token_text(self, tid: int) -> str:
+        s = self._token_text_cache.get(tid)
+        if s is None:
+            s = self._token_text_cache[tid] = self.tokenizer.decode([tid])
+        return s
+
+    def _make_output(self, rid: str, st: ReqState, with_text: bool) -> Dict[str, Any]:
+        meta: Dict[str, Any] = {"id": rid, "finish_reason": st.finished_reason, **st.meta}
+        if st.return_logprob:
+            fmt = (lambda lp, tid: (lp, tid, self._token_text(tid) if with_text else None))
+            meta["output_token_logprobs"] = [fmt(lp, tid) for lp, tid in st.token_logprobs]
+            if st.top_n:
+                meta["output_top_logprobs"] = [[fmt(lp, tid) for lp, tid in row] for row in st.top_logprobs]
+        return {"text": st.text, "output_ids": list(st.output_ids), "meta_info": meta}
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        self.send_to_scheduler.send_pyobj(AbortReq(rid=rid, abort_all=abort_all))
+
+    # ------------------------------------------------------------------ control
+    async def _control(self, msg: Any) -> Any:
+        self._ensure_loop()
+        fut = asyncio.get_running_loop().create_future()
+        self.pending_control.append(fut)
+        self.send_to_scheduler.send_pyobj(msg)
+        return await asyncio.wait_for(fut, timeout=60)
+
+    async def flush_cache(self) -> FlushCacheReqOutput:
+        return await self._control(FlushCacheReqInput())
+
+    async def get_internal_state(self) -> Dict[str, Any]:
+        return (await self._control(GetInternalStateReq())).state
+
+    def server_args_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self.server_args)
+
+
+async def _last(gen: AsyncIterator[Any]) -> Any:
+    out = None
+    async for out in gen:
+        pass
+    return out
+
+
+async def _merge_streams(gens: List[AsyncIterator[Dict]]) -> AsyncIterator[Dict]:
+    """Interleave several request streams as their outputs arrive, tagging each with its index."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, g: AsyncIterator[Dict]) -> None:
+        try:
+            async for out in g:
+                await queue.put({**out, "index": i})
+        except Exception as e:  # surface the error to the consumer
+            await queue.put(e)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()

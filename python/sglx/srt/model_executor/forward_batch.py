@@ -1,0 +1,118 @@
+"""ForwardBatch: the device-side view of one scheduler step, handed to model.forward()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum, auto
+from typing import TYPE_CHECKING, Any, List, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from sglx.srt.layers.attention.base_attn_backend import AttentionBackend
+    from sglx.srt.mem_cache.memory_pool import KVCache, ReqToTokenPool
+
+
+class ForwardMode(IntEnum):
+    EXTEND = auto()  # prefill, possibly on top of a cached prefix (chunked prefill included)
+    DECODE = auto()  # one new token per request
+    MIXED = auto()  # extend and decode requests in one batch (decode ones are extends of length 1)
+    IDLE = auto()  # nothing to run (kept for DP/TP symmetry)
+    TARGET_VERIFY = auto()  # speculative decoding: verify draft tokens
+    DRAFT_EXTEND = auto()
+
+    def is_extend(self) -> bool:
+        return self in (ForwardMode.EXTEND, ForwardMode.MIXED, ForwardMode.DRAFT_EXTEND, ForwardMode.TARGET_VERIFY)
+
+    def is_decode(self) -> bool:
+        return self == ForwardMode.DECODE
+
+    def is_mixed(self) -> bool:
+        return self == ForwardMode.MIXED
+
+    def is_idle(self) -> bool:
+        return self == ForwardMode.IDLE
+
+
+@dataclass
+class ModelWorkerBatch:
+    """CPU-side description of a step, produced by ScheduleBatch for the model runner."""
+
+    forward_mode: ForwardMode
+    input_ids: List[int]
+    req_pool_indices: List[int]
+    seq_lens: List[int]  # sequence length after this step
+    prefix_lens: List[int]  # tokens already in the KV cache before this step
+    out_cache_loc: torch.Tensor  # [num_tokens] int64 KV slots of the new tokens
+    sampling_info: Any = None  # SamplingBatchInfo
+    return_logprob: bool = False
+    top_logprobs_nums: Optional[List[int]] = None
+    # Embedding serving: pooled hidden states instead of logits.
+    is_embedding: bool = False
+    token_type_ids: Optional[List[int]] = None
+
+    @property
+    def extend_lens(self) -> List[int]:
+        return [s - p for s, p in zip(self.seq_lens, self.prefix_lens)]
+
+
+@dataclass
+class ForwardBatch:
+    forward_mode: ForwardMode
+    batch_size: int
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    req_pool_indices: torch.Tensor  # [bs] int64
+    seq_lens: torch.Tensor  # [bs] int64
+    out_cache_loc: torch.Tensor  # [num_tokens] int64
+    seq_lens_cpu: List[int]
+    extend_prefix_lens_cpu: List[int]
+    extend_seq_lens_cpu: List[int]
+    extend_prefix_lens: torch.Tensor  # [bs] int64
+    extend_seq_lens: torch.Tensor  # [bs] int64
+    extend_start_loc: torch.Tensor  # [bs] int64: offset of each request's first new token
+    req_to_token_pool: "ReqToTokenPool"
+    token_to_kv_pool: "KVCache"
+    attn_backend: "AttentionBackend"
+    sampling_info: Any = None
+    return_logprob: bool = False
+    top_logprobs_nums: Optional[List[int]] = None
+    token_type_ids: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)  # per-backend scratch metadata
+
+    @classmethod
+    def init_new(cls, b: ModelWorkerBatch, runner: Any) -> "ForwardBatch":
+        device = runner.device
+        ext = b.extend_lens
+        starts = [0]
+        for n in ext[:-1]:
+            starts.append(starts[-1] + n)
+        positions = torch.cat(
+            [torch.arange(p, s, dtype=torch.int64) for p, s in zip(b.prefix_lens, b.seq_lens)]
+        ) if b.seq_lens else torch.empty(0, dtype=torch.int64)
+
+        def t(x: List[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64).to(device, non_blocking=True)
+
+        return cls(
+            forward_mode=b.forward_mode,
+            batch_size=len(b.seq_lens),
+            input_ids=t(b.input_ids),
+            positions=positions.to(device, non_blocking=True),
+            req_pool_indices=t(b.req_pool_indices),
+            seq_lens=t(b.seq_lens),
+            out_cache_loc=b.out_cache_loc.to(device, non_blocking=True),
+            seq_lens_cpu=list(b.seq_lens),
+            extend_prefix_lens_cpu=list(b.prefix_lens),
+            extend_seq_lens_cpu=ext,
+            extend_prefix_lens=t(b.prefix_lens),
+            extend_seq_lens=t(ext),
+            extend_start_loc=t(starts),
+            req_to_token_pool=runner.req_to_token_pool,
+            token_to_kv_pool=runner.token_to_kv_pool,
+            attn_backend=runner.attn_backend,
+            sampling_info=b.sampling_info,
+            return_logprob=b.return_logprob,
+            top_logprobs_nums=b.top_logprobs_nums,
+            token_type_ids=t(b.token_type_ids) if b.token_type_ids is not None else None,
+        )

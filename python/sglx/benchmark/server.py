@@ -58,9 +58,13 @@ def probe_server(base_url: str) -> ServerInfo:
     if isinstance(model_info, dict):
         info.model_path = model_info.get("model_path")
         info.tokenizer_path = model_info.get("tokenizer_path")
+        if model_info.get("served_model_name"):
+            info.served_models.append(str(model_info["served_model_name"]))
     models = _get_json(f"{base_url}/v1/models")
     if isinstance(models, dict):
-        info.served_models = [str(m["id"]) for m in models.get("data") or [] if isinstance(m, dict) and "id" in m]
+        listed = [str(m["id"]) for m in models.get("data") or [] if isinstance(m, dict) and "id" in m]
+        # /v1/models first: its first id is what SGLang's benchmark picks by default.
+        info.served_models = listed + [m for m in info.served_models if m not in listed]
     return info
 
 
@@ -116,12 +120,27 @@ def _load_gguf_tokenizer(path: str) -> Any:
     return tok
 
 
+def _lone_gguf(path: str) -> Optional[str]:
+    """A model directory holding one GGUF file and no tokenizer files means that GGUF (the default model's
+    package directory is one)."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        return None
+    ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
+    return os.path.join(path, ggufs[0]) if len(ggufs) == 1 else None
+
+
 def load_tokenizer(name: str) -> Any:
     """AutoTokenizer from an HF id, a directory, or a GGUF file (the default sglx model is one)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise BenchError("the 'transformers' package is needed to load a tokenizer") from None
+    if os.path.isabs(name) or name.startswith("."):
+        if not os.path.exists(name):
+            raise BenchError(f"tokenizer path not found: {name} (pass --tokenizer)")
+        gguf = _lone_gguf(name)
+        if gguf:
+            name = gguf
     try:
         if name.endswith(".gguf") and os.path.isfile(name):
             return _load_gguf_tokenizer(name)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, ORJSONResponse, PlainTextResponse, R
 from sglx import __version__
 from sglx.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from sglx.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
-from sglx.srt.entrypoints.openai.serving_base import models_response
+from sglx.srt.entrypoints.openai.utils import models_response
 from sglx.srt.managers.io_struct import GenerateReqInput
 from sglx.srt.managers.tokenizer_manager import TokenizerManager
 

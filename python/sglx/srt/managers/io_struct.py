@@ -14,6 +14,10 @@ def new_rid() -> str:
     return uuid.uuid4().hex
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 # ----------------------------------------------------------------------------- HTTP-facing inputs
 @dataclass
 class GenerateReqInput:
@@ -28,6 +32,32 @@ class GenerateReqInput:
     top_logprobs_num: Optional[Union[int, List[int]]] = None
     return_text_in_logprobs: bool = False
     stream: bool = False
+
+    def validate(self) -> None:
+        """Shape and type checks of the payload; raises ValueError with a message for the client."""
+        t, ids = self.text, self.input_ids
+        if t is None and ids is None:
+            raise ValueError("either text or input_ids is required")
+        if t is not None and ids is not None:
+            raise ValueError("give either text or input_ids, not both")
+        if t is not None and not (isinstance(t, str) or (isinstance(t, list) and all(isinstance(x, str) for x in t))):
+            raise ValueError("text must be a string or a list of strings")
+        if ids is not None:
+            ok_flat = isinstance(ids, list) and all(_is_int(x) for x in ids)
+            ok_nested = isinstance(ids, list) and all(
+                isinstance(row, list) and all(_is_int(x) for x in row) for row in ids
+            )
+            if not (ok_flat or ok_nested):
+                raise ValueError("input_ids must be a list of integers or a list of lists of integers")
+        sp = self.sampling_params
+        if sp is not None and not isinstance(sp, dict) and not (
+            isinstance(sp, list) and all(isinstance(x, dict) for x in sp)
+        ):
+            raise ValueError("sampling_params must be an object or a list of objects")
+        if self.rid is not None and not isinstance(self.rid, (str, list)):
+            raise ValueError("rid must be a string or a list of strings")
+        if not isinstance(self.stream, bool):
+            raise ValueError("stream must be a boolean")
 
     def is_single(self) -> bool:
         if self.text is not None:

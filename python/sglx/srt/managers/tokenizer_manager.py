@@ -161,6 +161,7 @@ class TokenizerManager:
         """See the contract in docs/architecture.md: single requests yield dicts with cumulative text;
         a non-streamed batch yields one list; a streamed batch yields dicts tagged with "index"."""
         self._ensure_loop()
+        obj.validate()
         if obj.is_single():
             tokenized = self._tokenize(obj)
             async for out in self._wait_one(tokenized, obj.return_text_in_logprobs, request):

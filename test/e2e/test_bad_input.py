@@ -1,0 +1,119 @@
+"""Bad input gets a clear 4xx (or a clean abort), loses nothing, and the next request is served."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import requests
+
+OK_PAYLOAD = {"text": "Hello", "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+
+
+def assert_still_serving(server):
+    r = requests.post(server.url("/generate"), json=OK_PAYLOAD, timeout=120)
+    assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 2
+
+
+def test_prompt_longer_than_context(server):
+    info = server.server_info()
+    limit = info["max_req_input_len"]
+    r = requests.post(server.url("/generate"), json={"input_ids": [100] * (limit + 5),
+                                                     "sampling_params": {"max_new_tokens": 2}}, timeout=60)
+    assert r.status_code == 400 and str(limit) in r.json()["message"]
+    r = requests.post(server.url("/v1/chat/completions"), json={
+        "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "word " * (limit + 10)}]},
+        timeout=60)
+    msg = r.json()["message"]
+    assert r.status_code == 400 and (str(limit) in msg or str(info["context_len"]) in msg), msg
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("sp", [
+    {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": 0}, {"min_p": 2},
+    {"max_new_tokens": -3}, {"repetition_penalty": 0}, {"frequency_penalty": 5}, {"temperature": "hot"},
+    {"no_such_param": 1},
+])
+def test_invalid_sampling_values(server, sp):
+    r = requests.post(server.url("/generate"), json={"text": "hi", "sampling_params": sp}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["message"]
+    assert_still_serving(server)
+
+
+def test_openai_invalid_values(server):
+    for body in [{"temperature": -1}, {"top_p": 7}, {"max_tokens": "many"}, {"n": 0}]:
+        r = requests.post(server.url("/v1/completions"), json={"model": "SmolLM2-135M-Instruct", "prompt": "hi",
+                                                               **body}, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+    assert_still_serving(server)
+
+
+def test_unknown_model_is_404(server):
+    for path, extra in [("/v1/completions", {"prompt": "hi"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
+        r = requests.post(server.url(path), json={"model": "gpt-17", **extra}, timeout=60)
+        assert r.status_code == 404 and "gpt-17" in r.json()["message"]
+    assert_still_serving(server)
+
+
+def test_malformed_json(server):
+    for path in ["/generate", "/v1/completions", "/v1/chat/completions"]:
+        r = requests.post(server.url(path), data=b"{not json", headers={"Content-Type": "application/json"},
+                          timeout=60)
+        assert r.status_code in (400, 422), (path, r.status_code)
+    r = requests.post(server.url("/generate"), json={"text": 5}, timeout=60)
+    assert r.status_code == 400
+    r = requests.post(server.url("/generate"), json={"txt": "hi"}, timeout=60)
+    assert r.status_code == 400
+    r = requests.post(server.url("/generate"), json=[1, 2], timeout=60)
+    assert r.status_code == 400
+    assert_still_serving(server)
+
+
+def _open_stream_and_drop(server, payload):
+    host, port = server.base_url.replace("http://", "").split(":")
+    body = requests.models.complexjson.dumps(payload).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    data = b""
+    while data.count(b"data: ") < 3:  # a few tokens arrived: the request is running
+        data += s.recv(4096)
+    s.close()
+
+
+def test_client_disconnect_aborts_and_frees(server):
+    payload = {"text": "Tell me a very long story.", "stream": True,
+               "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
+    _open_stream_and_drop(server, payload)
+    deadline = time.time() + 60
+    state = server.server_info()["internal_state"]
+    while not state["is_idle"] and time.time() < deadline:
+        time.sleep(0.5)
+        state = server.server_info()["internal_state"]
+    assert state["is_idle"], "the dropped request kept running"
+    assert state["kv_leak_free"]
+    assert_still_serving(server)
+
+
+def test_abort_request_endpoint(server):
+    import threading
+
+    result = {}
+
+    def run():
+        result["r"] = requests.post(server.url("/generate"), json={
+            "text": "Count forever:", "rid": "to-abort",
+            "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}, timeout=300)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(3)
+    assert requests.post(server.url("/abort_request"), json={"rid": "to-abort"}, timeout=30).status_code == 200
+    t.join(120)
+    body = result["r"].json()
+    assert body["meta_info"]["finish_reason"]["type"] == "abort"
+    assert body["meta_info"]["completion_tokens"] < 3000
+    assert_still_serving(server)

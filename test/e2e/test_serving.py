@@ -1,0 +1,118 @@
+"""Continuous batching, prefix reuse and the native/OpenAI surfaces on a real server."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import requests
+
+GREEDY = {"temperature": 0}
+
+
+def generate(server, payload, timeout=300):
+    r = requests.post(server.url("/generate"), json=payload, timeout=timeout)
+    r.raise_for_status()
+    return r.json()
+
+
+def stream_generate(server, text, max_new_tokens):
+    with requests.post(server.url("/generate"), json={
+        "text": text, "stream": True, "sampling_params": {"max_new_tokens": max_new_tokens, **GREEDY}},
+            stream=True, timeout=600) as r:
+        r.raise_for_status()
+        last = None
+        for line in r.iter_lines():
+            if not line:
+                continue
+            assert line.startswith(b"data: ")
+            if line == b"data: [DONE]":
+                break
+            last = json.loads(line[6:])
+        return last
+
+
+def test_concurrent_streams_match_sequential(server):
+    prompts = [f"Story {i}: Once upon a time, in a village number {i}," for i in range(32)]
+    sequential = [generate(server, {"text": p, "sampling_params": {"max_new_tokens": 24, **GREEDY}})["text"]
+                  for p in prompts]
+    requests.post(server.url("/flush_cache"), timeout=30)
+    with ThreadPoolExecutor(32) as pool:
+        concurrent = list(pool.map(lambda p: stream_generate(server, p, 24), prompts))
+    assert [c["text"] for c in concurrent] == sequential
+    assert all(c["meta_info"]["finish_reason"]["type"] == "length" for c in concurrent)
+
+
+def test_prefix_cache_reports_cached_tokens(server):
+    prefix = " ".join(f"item{i}" for i in range(260))  # > 500 tokens
+    first = generate(server, {"text": prefix + " First question?", "sampling_params": {"max_new_tokens": 2}})
+    assert first["meta_info"]["prompt_tokens"] > 500
+    second = generate(server, {"text": prefix + " Another question entirely?",
+                               "sampling_params": {"max_new_tokens": 2}})
+    assert second["meta_info"]["cached_tokens"] >= 496
+
+
+def test_batch_generate_and_n(server):
+    out = generate(server, {"text": ["Hello", "The sky is"], "sampling_params": {"max_new_tokens": 4, **GREEDY}})
+    assert isinstance(out, list) and len(out) == 2
+    single = generate(server, {"text": "The sky is", "sampling_params": {"max_new_tokens": 4, **GREEDY}})
+    assert out[1]["text"] == single["text"]
+
+
+def test_stop_strings_are_not_leaked(server):
+    base = generate(server, {"text": "Count: 1, 2, 3, 4,", "sampling_params": {"max_new_tokens": 12, **GREEDY}})
+    text = base["text"]
+    assert "," in text[1:]
+    stop = text[text.index(",", 1):][:2]
+    out = generate(server, {"text": "Count: 1, 2, 3, 4,",
+                            "sampling_params": {"max_new_tokens": 12, "stop": stop, **GREEDY}})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert out["text"] == text[: text.index(stop)]
+    assert stop not in out["text"]
+
+
+def test_seeded_sampling_is_reproducible(server):
+    sp = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.9, "top_k": 50, "sampling_seed": 7}
+    a = generate(server, {"text": "Once upon a time", "sampling_params": sp})
+    b = generate(server, {"text": "Once upon a time", "sampling_params": sp})
+    assert a["output_ids"] == b["output_ids"]
+
+
+def test_logprobs_native(server):
+    out = generate(server, {"text": "The capital of France is", "return_logprob": True, "top_logprobs_num": 3,
+                            "return_text_in_logprobs": True, "sampling_params": {"max_new_tokens": 3, **GREEDY}})
+    lps = out["meta_info"]["output_token_logprobs"]
+    tops = out["meta_info"]["output_top_logprobs"]
+    assert [t[1] for t in lps] == out["output_ids"]
+    for (lp, tid, _), top in zip(lps, tops):
+        assert len(top) == 3 and top[0][1] == tid and abs(top[0][0] - lp) < 1e-5  # greedy picks the top token
+        assert top[0][0] >= top[1][0] >= top[2][0]
+
+
+def test_openai_sdk(server):
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key="none")
+    models = client.models.list()
+    assert models.data[0].id == "SmolLM2-135M-Instruct"
+    chat = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=8, temperature=0,
+                                          messages=[{"role": "user", "content": "Say hi"}])
+    assert chat.choices[0].message.content and chat.usage.completion_tokens <= 8
+    chunks = list(client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}, messages=[{"role": "user", "content": "Say hi"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    comp = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3,", max_tokens=6,
+                                     temperature=0, n=2, logprobs=2)
+    assert len(comp.choices) == 2 and comp.choices[0].text == comp.choices[1].text
+    assert len(comp.choices[0].logprobs.tokens) == comp.usage.completion_tokens // 2
+
+
+def test_info_endpoints(server):
+    assert requests.get(server.url("/health"), timeout=10).status_code == 200
+    info = requests.get(server.url("/get_model_info"), timeout=10).json()
+    assert info["model_path"].endswith(".gguf") and info["is_generation"]
+    assert requests.post(server.url("/flush_cache"), timeout=30).status_code == 200
+    state = server.server_info()["internal_state"]
+    assert state["available_kv_tokens"] == state["max_total_num_tokens"]  # flushed: all free

@@ -52,7 +52,9 @@ class PrefillAdder:
         rem_running_slots: int,
         page_size: int,
         new_token_ratio: float,
+        has_running: bool = False,
     ) -> None:
+        self.has_running = has_running
         self.tree_cache = tree_cache
         self.rem_total_tokens = rem_total_tokens
         self.rem_input_tokens = rem_input_tokens
@@ -74,39 +76,41 @@ class PrefillAdder:
         lock = not req.is_chunked
         ext = req.extend_input_len
         # A page per request of slack: a continued partial page or a fresh one.
-        need_total = self._page_up(ext) + self.page_size + reserved_decode_tokens(req, self.new_token_ratio)
-        if need_total > self.rem_total_tokens and self.can_run:
-            return False
-        if self.rem_chunk_tokens is None or ext <= self.rem_chunk_tokens:
-            if ext > self.rem_input_tokens and self.can_run:
-                return False
-            if need_total > self.rem_total_tokens:
-                # First request of the batch and it does not fit even alone: admit only its first chunk-sized
-                # part when chunking, else wait for memory (retraction/finishes will free it).
-                return False
-            self._admit(req, ext, need_total, lock)
-            return True
-        # Chunk it: take what the chunk budget allows, page aligned so the tree can cache the chunk.
-        trunc = self.rem_chunk_tokens // self.page_size * self.page_size
-        if trunc <= 0:
-            return False
-        if self._page_up(trunc) + self.page_size > self.rem_total_tokens:
-            return False
-        req.extend_input_len = trunc
-        req.fill_ids = req.fill_ids[: len(req.prefix_indices) + trunc]
-        req.is_chunked = True
-        self.new_chunked_req = req
-        self._admit(req, trunc, self._page_up(trunc) + self.page_size, lock)
-        return False
-
-    def _admit(self, req: Req, ext: int, need_total: int, lock: bool) -> None:
+        ext_need = self._page_up(ext) + self.page_size
+        need_total = ext_need + reserved_decode_tokens(req, self.new_token_ratio)
+        # With nothing running and nothing admitted, only the prefill itself must fit: waiting for the
+        # reservation would wait forever, and retraction covers decode growth.
+        alone = not self.can_run and not self.has_running
+        # Locking turns the matched prefix from evictable into protected, so it stops counting as memory:
+        # lock first, then check what is left, and undo the lock if the request does not fit.
+        locked = 0
         if lock and req.last_node is not None:
-            # Locking turns the matched prefix from evictable to protected: it no longer counts as memory.
             before = self.tree_cache.evictable_size()
             self.tree_cache.inc_lock_ref(req.last_node)
-            self.rem_total_tokens -= before - self.tree_cache.evictable_size()
+            locked = before - self.tree_cache.evictable_size()
+        budget = self.rem_total_tokens - locked
+        chunk = self.rem_chunk_tokens is not None and ext > self.rem_chunk_tokens
+        if chunk:
+            ext = self.rem_chunk_tokens // self.page_size * self.page_size
+            need = self._page_up(ext) + self.page_size
+        else:
+            need = ext_need if alone else need_total
+        if ext <= 0 or need > budget or (not chunk and ext > self.rem_input_tokens and self.can_run):
+            if lock and req.last_node is not None:
+                self.tree_cache.dec_lock_ref(req.last_node)
+            return False
+        if chunk:
+            # Page aligned, so the tree can cache the chunk and the next one continues from it.
+            req.extend_input_len = ext
+            req.fill_ids = req.fill_ids[: len(req.prefix_indices) + ext]
+            req.is_chunked = True
+            self.new_chunked_req = req
+        self._admit(req, ext, locked + (need if chunk else need_total))
+        return not chunk
+
+    def _admit(self, req: Req, ext: int, used_tokens: int) -> None:
         self.can_run.append(req)
-        self.rem_total_tokens -= need_total
+        self.rem_total_tokens -= used_tokens
         self.rem_input_tokens -= ext
         if self.rem_chunk_tokens is not None:
             self.rem_chunk_tokens -= ext

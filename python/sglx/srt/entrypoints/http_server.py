@@ -16,8 +16,9 @@ from fastapi.responses import JSONResponse, ORJSONResponse, PlainTextResponse, R
 from sglx import __version__
 from sglx.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from sglx.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from sglx.srt.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from sglx.srt.entrypoints.openai.utils import models_response
-from sglx.srt.managers.io_struct import GenerateReqInput
+from sglx.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput
 from sglx.srt.managers.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
     app = FastAPI(title="sglx", version=__version__)
     app.state.tokenizer_manager = tm
     chat, completion = OpenAIServingChat(tm), OpenAIServingCompletion(tm)
+    embedding = OpenAIServingEmbedding(tm)
     api_key = tm.server_args.api_key
 
     if api_key:
@@ -67,6 +69,9 @@ def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
         obj = GenerateReqInput(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
         try:
             async def one():
+                if tm.is_embedding:  # one forward through the model, whichever kind it is
+                    await tm.embedding_request(EmbeddingReqInput(input_ids=[0]))
+                    return
                 async for _ in tm.generate_request(obj):
                     pass
             await asyncio.wait_for(one(), HEALTH_GENERATE_TIMEOUT_S)
@@ -78,7 +83,7 @@ def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
     @app.get("/get_model_info")
     async def get_model_info() -> Dict[str, Any]:
         return {"model_path": tm.model_path, "tokenizer_path": tm.server_args.tokenizer_path,
-                "served_model_name": tm.served_model_name, "is_generation": not tm.server_args.is_embedding,
+                "served_model_name": tm.served_model_name, "is_generation": not tm.is_embedding,
                 "context_length": tm.context_len}
 
     @app.get("/get_server_info")
@@ -130,6 +135,23 @@ def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
             return ORJSONResponse(out)
         except ValueError as e:
             return error_response(str(e))
+
+    @app.api_route("/encode", methods=["POST", "PUT"])
+    async def encode(request: Request) -> Response:
+        try:
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            out = await tm.embedding_request(EmbeddingReqInput(**body), request)
+        except TypeError as e:
+            return error_response(f"invalid request: {e}")
+        except ValueError as e:
+            return error_response(str(e))
+        return ORJSONResponse(out)
+
+    @app.post("/v1/embeddings")
+    async def v1_embeddings(request: Request) -> Response:
+        return await embedding.handle_request(request)
 
     @app.post("/v1/completions")
     async def v1_completions(request: Request) -> Response:

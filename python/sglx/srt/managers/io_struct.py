@@ -91,10 +91,65 @@ class GenerateReqInput:
 
 @dataclass
 class EmbeddingReqInput:
+    """SGLang's /encode payload (and what /v1/embeddings builds): `text` or `input_ids`, single or batch.
+    `truncate`: cut inputs longer than the context instead of rejecting them."""
+
     text: Optional[Union[str, List[str]]] = None
     input_ids: Optional[Union[List[int], List[List[int]]]] = None
     rid: Optional[Union[str, List[str]]] = None
     truncate: bool = False
+
+    def validate(self) -> None:
+        """Shape and type checks; raises ValueError with a message for the client."""
+        t, ids = self.text, self.input_ids
+        if (t is None) == (ids is None):
+            raise ValueError("give exactly one of text or input_ids")
+        if t is not None:
+            if isinstance(t, list):
+                if not t:
+                    raise ValueError("the input list is empty")
+                if not all(isinstance(x, str) for x in t):
+                    raise ValueError("text must be a string or a list of strings")
+            elif not isinstance(t, str):
+                raise ValueError("text must be a string or a list of strings")
+            if any(x == "" for x in (t if isinstance(t, list) else [t])):
+                raise ValueError("an input string is empty")
+        else:
+            ok_flat = isinstance(ids, list) and all(_is_int(x) for x in ids)
+            ok_nested = isinstance(ids, list) and all(
+                isinstance(row, list) and all(_is_int(x) for x in row) for row in ids
+            )
+            if not (ok_flat or ok_nested):
+                raise ValueError("input_ids must be a list of integers or a list of lists of integers")
+            if not ids or any(isinstance(row, list) and not row for row in ids):
+                raise ValueError("an input token list is empty")
+        if not isinstance(self.truncate, bool):
+            raise ValueError("truncate must be a boolean")
+        rid = self.rid
+        if rid is not None:
+            if self.is_single() and not isinstance(rid, str):
+                raise ValueError("rid must be a string")
+            if not self.is_single() and not (
+                isinstance(rid, list) and len(rid) == self.batch_size() and all(isinstance(r, str) for r in rid)
+            ):
+                raise ValueError("rid must be a list of strings, one per input")
+
+    def is_single(self) -> bool:
+        if self.text is not None:
+            return isinstance(self.text, str)
+        return not self.input_ids or _is_int(self.input_ids[0])
+
+    def batch_size(self) -> int:
+        return 1 if self.is_single() else len(self.text if self.text is not None else self.input_ids)
+
+    def items(self) -> List[Tuple[Optional[str], Optional[List[int]], Optional[str]]]:
+        """(text, input_ids, rid) per input, in order."""
+        if self.is_single():
+            return [(self.text, self.input_ids, self.rid)]
+        rids = self.rid if isinstance(self.rid, list) else [None] * self.batch_size()
+        if self.text is not None:
+            return [(t, None, r) for t, r in zip(self.text, rids)]
+        return [(None, ids, r) for ids, r in zip(self.input_ids, rids)]
 
 
 # ----------------------------------------------------------------------------- tokenizer -> scheduler
@@ -116,6 +171,13 @@ class TokenizedEmbeddingReqInput:
     input_text: Optional[str]
     input_ids: List[int]
     token_type_ids: Optional[List[int]] = None
+
+
+@dataclass
+class BatchTokenizedEmbeddingReqInput:
+    """The inputs of one embedding request, sent together so that the scheduler batches them."""
+
+    reqs: List[TokenizedEmbeddingReqInput]
 
 
 @dataclass
@@ -170,6 +232,9 @@ class BatchTokenIDOut:
 
 @dataclass
 class BatchEmbeddingOut:
+    """Scheduler -> tokenizer manager directly (no detokenizer): finished embedding requests. An aborted or
+    rejected request has an empty embedding and an abort finish reason."""
+
     rids: List[str]
     embeddings: List[List[float]]
     prompt_tokens: List[int]

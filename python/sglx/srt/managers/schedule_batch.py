@@ -80,6 +80,10 @@ class Req:
         self.output_token_logprobs: List[Tuple[float, int]] = []
         self.output_top_logprobs: List[List[Tuple[float, int]]] = []
 
+        # Embedding requests: one prefill, no sampling; the pooled vector once it ran.
+        self.token_type_ids: Optional[List[int]] = None
+        self.embedding: Optional[List[float]] = None
+
     # ---------------------------------------------------------------- state
     @property
     def seqlen(self) -> int:
@@ -232,6 +236,8 @@ class ScheduleBatch:
 
     def get_model_worker_batch(self) -> ModelWorkerBatch:
         ctx = self.ctx
+        if ctx.is_embedding:
+            return self._embedding_worker_batch()
         return_logprob = any(r.return_logprob for r in self.reqs)
         return ModelWorkerBatch(
             forward_mode=self.forward_mode,
@@ -245,12 +251,31 @@ class ScheduleBatch:
             top_logprobs_nums=[r.top_logprobs_num for r in self.reqs] if return_logprob else None,
         )
 
+    def _embedding_worker_batch(self) -> ModelWorkerBatch:
+        """Prefill only: no sampling info; token type ids of the new tokens when any request has them."""
+        types = None
+        if any(r.token_type_ids is not None for r in self.reqs):
+            types = []
+            for r, pre, seq in zip(self.reqs, self.prefix_lens, self.seq_lens):
+                types.extend(r.token_type_ids[pre:seq] if r.token_type_ids is not None else [0] * (seq - pre))
+        return ModelWorkerBatch(
+            forward_mode=self.forward_mode,
+            input_ids=self.input_ids,
+            req_pool_indices=[r.req_pool_idx for r in self.reqs],
+            seq_lens=self.seq_lens,
+            prefix_lens=self.prefix_lens,
+            out_cache_loc=self.out_cache_loc,
+            is_embedding=True,
+            token_type_ids=types,
+        )
+
 
 class BatchContext:
     """What a ScheduleBatch needs from the scheduler's memory managers."""
 
     def __init__(self, req_to_token_pool, allocator, tree_cache: BasePrefixCache, page_size: int,
-                 vocab_size: int, device: torch.device) -> None:
+                 vocab_size: int, device: torch.device, is_embedding: bool = False) -> None:
+        self.is_embedding = is_embedding
         self.req_to_token_pool = req_to_token_pool
         self.allocator = allocator
         self.tree_cache = tree_cache

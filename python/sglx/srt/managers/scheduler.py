@@ -3,10 +3,15 @@
 One loop iteration: take new messages -> pick the next batch (a prefill of waiting requests if any fit, else
 one decode step of the running ones) -> run it -> append tokens, finish requests, free or cache their KV ->
 send the news to the detokenizer. Decode memory that runs out retracts requests back to the waiting queue.
+
+Embedding models: requests are prefill only (no decode, no sampling); each finishes right after its prefill,
+its KV is freed at once (or, on the skip-KV path, was never stored), and its pooled vector goes straight to
+the tokenizer manager as a BatchEmbeddingOut.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Dict, List, Optional
@@ -18,19 +23,24 @@ from sglx.srt.configs.model_config import ModelConfig
 from sglx.srt.hf_transformers_utils import get_eos_token_ids, get_tokenizer
 from sglx.srt.managers.io_struct import (
     AbortReq,
+    BatchEmbeddingOut,
+    BatchTokenizedEmbeddingReqInput,
     BatchTokenIDOut,
     FlushCacheReqInput,
     FlushCacheReqOutput,
     GetInternalStateReq,
     GetInternalStateReqOutput,
+    TokenizedEmbeddingReqInput,
     TokenizedGenerateReqInput,
 )
-from sglx.srt.managers.schedule_batch import BatchContext, Req, ScheduleBatch, finish_abort
+from sglx.srt.layers.pooler import PoolingType, resolve_pooling_config
+from sglx.srt.managers.schedule_batch import BatchContext, Req, ScheduleBatch, finish_abort, finish_length
 from sglx.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy, reserved_decode_tokens
 from sglx.srt.mem_cache.chunk_cache import ChunkCache
 from sglx.srt.mem_cache.radix_cache import RadixCache
 from sglx.srt.model_executor.forward_batch import ForwardMode
 from sglx.srt.model_executor.model_runner import ModelRunner
+from sglx.srt.sampling.sampling_params import SamplingParams
 from sglx.srt.server_args import ServerArgs
 from sglx.srt.utils import PortArgs, get_zmq_socket
 
@@ -41,6 +51,21 @@ MIN_NEW_TOKEN_RATIO = 0.1
 NEW_TOKEN_RATIO_DECAY = 0.001
 
 
+def embedding_server_args(server_args: ServerArgs, model_config: ModelConfig) -> ServerArgs:
+    """The effective arguments for an embedding model. A request must run in one piece when its embedding
+    needs the hidden state of every token (cls / mean pooling) or when every token sees every other
+    (bidirectional encoders): then neither a cached prefix nor chunked prefill can be used. Only causal
+    last-token pooling keeps the radix cache and chunking (the last token sees everything before it)."""
+    pooling = resolve_pooling_config(model_config.model_path, not model_config.is_encoder_only,
+                                     server_args.pooling, server_args.no_normalize)
+    whole = model_config.is_encoder_only or pooling.pooling != PoolingType.LAST
+    if not whole or (server_args.disable_radix_cache and server_args.chunked_prefill_size == -1):
+        return dataclasses.replace(server_args, is_embedding=True)
+    logger.info("%s pooling of %s: the radix cache and chunked prefill are turned off",
+                pooling.pooling.value, model_config.architecture)
+    return dataclasses.replace(server_args, is_embedding=True, disable_radix_cache=True, chunked_prefill_size=-1)
+
+
 class Scheduler:
     def __init__(self, server_args: ServerArgs, port_args: Optional[PortArgs]) -> None:
         self.server_args = server_args
@@ -48,6 +73,9 @@ class Scheduler:
             server_args.model_path, dtype=server_args.dtype, context_length=server_args.context_length,
             is_embedding=server_args.is_embedding, device=server_args.device,
         )
+        self.is_embedding = self.model_config.is_embedding
+        if self.is_embedding:
+            server_args = self.server_args = embedding_server_args(server_args, self.model_config)
         self.tokenizer = get_tokenizer(server_args.tokenizer_path)
         self.eos_token_ids = get_eos_token_ids(self.tokenizer, self.model_config.hf_config)
         self.runner = ModelRunner(self.model_config, server_args)
@@ -55,11 +83,13 @@ class Scheduler:
         self.max_total_num_tokens = self.runner.max_total_num_tokens
         # A request never outgrows the pool, so one request alone can always make progress.
         self.max_req_len = min(self.model_config.context_len, self.max_total_num_tokens - self.page_size)
+        # A generation prompt leaves room for one output token; an embedding input may fill the context.
+        self.max_input_len = self.max_req_len if self.is_embedding else self.max_req_len - 1
         cache_cls = ChunkCache if server_args.disable_radix_cache else RadixCache
         self.tree_cache = cache_cls(self.runner.req_to_token_pool, self.runner.token_to_kv_pool_allocator, self.page_size)
         self.ctx = BatchContext(
             self.runner.req_to_token_pool, self.runner.token_to_kv_pool_allocator, self.tree_cache,
-            self.page_size, self.model_config.vocab_size, self.runner.device,
+            self.page_size, self.model_config.vocab_size, self.runner.device, self.is_embedding,
         )
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache, server_args.random_seed)
         self.max_running_requests = self.runner.max_running_requests
@@ -85,11 +115,25 @@ class Scheduler:
     def ready_info(self) -> Dict[str, Any]:
         return {
             "max_total_num_tokens": self.max_total_num_tokens,
-            "max_req_input_len": self.max_req_len - 1,
+            "max_req_input_len": self.max_input_len,
             "context_len": self.model_config.context_len,
             "vocab_size": self.model_config.vocab_size,
             "max_running_requests": self.max_running_requests,
+            # Effective settings (an encoder turns the radix cache off, ...): they override the launch args
+            # in /get_server_info.
+            "is_embedding": self.is_embedding,
+            "disable_radix_cache": self.server_args.disable_radix_cache,
+            "chunked_prefill_size": self.server_args.chunked_prefill_size,
+            "skip_kv_cache": self.runner.skip_kv_cache,
+            **self.embedding_info(),
         }
+
+    def embedding_info(self) -> Dict[str, Any]:
+        pooler = self.runner.pooler
+        if pooler is None:
+            return {}
+        return {"pooling": pooler.config.pooling.value, "normalize": pooler.config.normalize,
+                "embedding_dim": self.model_config.hidden_size}
 
     def internal_state(self) -> Dict[str, Any]:
         alloc = self.runner.token_to_kv_pool_allocator
@@ -109,6 +153,9 @@ class Scheduler:
             "kv_leak_free": (not idle) or (free + evictable == self.max_total_num_tokens and protected == 0),
             "page_size": self.page_size,
             "new_token_ratio": self.new_token_ratio,
+            # Skip-KV path: the slots above are a batch-token budget only; the pool itself holds 0 bytes.
+            "skip_kv_cache": self.runner.skip_kv_cache,
+            "kv_pool_bytes": self.runner.token_to_kv_pool.mem_usage_bytes(),
         }
 
     def is_idle(self) -> bool:
@@ -136,6 +183,11 @@ class Scheduler:
     def process_input(self, msg: Any) -> None:
         if isinstance(msg, TokenizedGenerateReqInput):
             self.handle_generate_request(msg)
+        elif isinstance(msg, BatchTokenizedEmbeddingReqInput):
+            for m in msg.reqs:
+                self.handle_embedding_request(m)
+        elif isinstance(msg, TokenizedEmbeddingReqInput):
+            self.handle_embedding_request(msg)
         elif isinstance(msg, AbortReq):
             self.abort_request(msg)
         elif isinstance(msg, FlushCacheReqInput):
@@ -149,7 +201,9 @@ class Scheduler:
         sp = m.sampling_params
         req = Req(m.rid, m.input_text, list(m.input_ids), sp, self.eos_token_ids, m.return_logprob,
                   m.top_logprobs_num, m.stream, max_seq_len=self.max_req_len)
-        if not req.origin_input_ids:
+        if self.is_embedding:
+            req.finished_reason = finish_abort("this server serves an embedding model: use /v1/embeddings or /encode")
+        elif not req.origin_input_ids:
             req.finished_reason = finish_abort("the prompt is empty")
         elif len(req.origin_input_ids) >= self.max_req_len:
             req.finished_reason = finish_abort(
@@ -164,6 +218,23 @@ class Scheduler:
                 sp.max_new_tokens if sp.max_new_tokens is not None else 1 << 30,
                 self.max_req_len - len(req.origin_input_ids),
             )
+        self.waiting_queue.append(req)
+
+    def handle_embedding_request(self, m: TokenizedEmbeddingReqInput) -> None:
+        req = Req(m.rid, m.input_text, list(m.input_ids), SamplingParams(max_new_tokens=0), set(),
+                  max_seq_len=self.max_req_len)
+        req.token_type_ids = list(m.token_type_ids) if m.token_type_ids is not None else None
+        if not self.is_embedding:
+            req.finished_reason = finish_abort("this server serves a generation model; start it with --is-embedding")
+        elif not req.origin_input_ids:
+            req.finished_reason = finish_abort("the input is empty")
+        elif len(req.origin_input_ids) > self.max_input_len:
+            req.finished_reason = finish_abort(
+                f"the input has {len(req.origin_input_ids)} tokens; the limit is {self.max_input_len}"
+            )
+        if req.finished():
+            self.stream_embedding_output([req])
+            return
         self.waiting_queue.append(req)
 
     def abort_request(self, m: AbortReq) -> None:
@@ -278,6 +349,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ running
     def run_batch(self, batch: ScheduleBatch) -> None:
+        if self.is_embedding:
+            self.run_embedding_batch(batch)
+            return
         result = self.runner.forward_batch_generation(batch.get_model_worker_batch())
         out = result.sampler_output
         next_ids = out.next_token_ids.tolist()
@@ -329,11 +403,36 @@ class Scheduler:
         self.running_reqs = [r for r in batch.reqs if not r.finished()]
         self.stream_output(batch.reqs)
 
+    def run_embedding_batch(self, batch: ScheduleBatch) -> None:
+        """Prefill, pool, finish: every request but a still-chunked one is done after this step."""
+        embeddings = self.runner.forward_batch_embedding(batch.get_model_worker_batch()).cpu()
+        self.forward_ct += 1
+        for i, req in enumerate(batch.reqs):
+            if req is self.chunked_req:  # last-token pooling of a long input: its last chunk comes later
+                self.tree_cache.cache_unfinished_req(req, req.fill_ids)
+                if req.to_abort is not None:
+                    self.chunked_req = None
+                    req.is_chunked = False
+                    req.finished_reason = finish_abort(req.to_abort)
+                    self.finish_req(req)
+                continue
+            req.is_chunked = False
+            if req.to_abort is not None:
+                req.finished_reason = finish_abort(req.to_abort)
+            else:
+                req.embedding = embeddings[i].tolist()
+                req.finished_reason = finish_length(0)
+            self.finish_req(req)
+        self.stream_output(batch.reqs)
+
     def finish_req(self, req: Req) -> None:
         self.tree_cache.cache_finished_req(req, req.kv_token_ids())
 
     # ------------------------------------------------------------------ output
     def stream_output(self, reqs: List[Req]) -> None:
+        if self.is_embedding:
+            self.stream_embedding_output(reqs)
+            return
         out = BatchTokenIDOut([], [], [], [], [], [], [], [], [], [])
         for r in reqs:
             if r is self.chunked_req and not r.finished():
@@ -366,6 +465,18 @@ class Scheduler:
             r.send_offset = len(r.output_ids)
         if out.rids:
             self.send_to_detokenizer.send_pyobj(out)
+
+    def stream_embedding_output(self, reqs: List[Req]) -> None:
+        out = BatchEmbeddingOut([], [], [], [])
+        for r in reqs:
+            if not r.finished():
+                continue
+            out.rids.append(r.rid)
+            out.embeddings.append(r.embedding if r.embedding is not None else [])
+            out.prompt_tokens.append(len(r.origin_input_ids))
+            out.finished_reasons.append(r.finished_reason)
+        if out.rids:
+            self.send_to_tokenizer.send_pyobj(out)
 
 
 def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, pipe_writer: Any) -> None:

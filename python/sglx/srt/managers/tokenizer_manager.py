@@ -18,11 +18,14 @@ from sglx.srt.managers.io_struct import (
     AbortReq,
     BatchEmbeddingOut,
     BatchStrOut,
+    BatchTokenizedEmbeddingReqInput,
+    EmbeddingReqInput,
     FlushCacheReqInput,
     FlushCacheReqOutput,
     GenerateReqInput,
     GetInternalStateReq,
     GetInternalStateReqOutput,
+    TokenizedEmbeddingReqInput,
     TokenizedGenerateReqInput,
     new_rid,
 )
@@ -64,6 +67,10 @@ class TokenizerManager:
         self.max_req_input_len: int = scheduler_info["max_req_input_len"]
         self.vocab_size: int = scheduler_info["vocab_size"]
         self.scheduler_info = scheduler_info
+        # The scheduler knows best: an encoder (BertModel) serves embeddings even without --is-embedding.
+        self.is_embedding: bool = bool(scheduler_info.get("is_embedding", server_args.is_embedding))
+        self.embedding_normalized: bool = bool(scheduler_info.get("normalize", True))
+        self.embedding_dim: Optional[int] = scheduler_info.get("embedding_dim")
         ctx = zmq.asyncio.Context(2)
         self.recv_from_detokenizer = get_zmq_socket(ctx, zmq.PULL, port_args.tokenizer_ipc, bind=True)
         self.send_to_scheduler = get_zmq_socket(ctx, zmq.PUSH, port_args.scheduler_input_ipc, bind=False)
@@ -161,6 +168,8 @@ class TokenizerManager:
         """See the contract in docs/architecture.md: single requests yield dicts with cumulative text;
         a non-streamed batch yields one list; a streamed batch yields dicts tagged with "index"."""
         self._ensure_loop()
+        if self.is_embedding:
+            raise ValueError("this server serves an embedding model: use /v1/embeddings or /encode")
         obj.validate()
         if obj.is_single():
             tokenized = self._tokenize(obj)
@@ -209,6 +218,65 @@ class TokenizerManager:
             self.rid_to_state.pop(t.rid, None)
             if not st.finished:
                 self.abort_request(t.rid)  # the consumer went away (disconnect, cancellation)
+
+    # ------------------------------------------------------------------ embeddings
+    def _tokenize_embedding(self, text: Optional[str], ids: Optional[List[int]], rid: str,
+                            truncate: bool) -> TokenizedEmbeddingReqInput:
+        limit = self.max_req_input_len
+        types = None
+        if text is not None:
+            enc = self.tokenizer(text, truncation=truncate, max_length=limit if truncate else None)
+            input_ids, types = list(enc["input_ids"]), enc.get("token_type_ids")
+        else:
+            if any(t < 0 or t >= self.vocab_size for t in ids):
+                raise ValueError(f"input_ids must be in [0, {self.vocab_size})")
+            input_ids = list(ids[:limit] if truncate else ids)
+        if not input_ids:
+            raise ValueError("an input is empty after tokenization")
+        if len(input_ids) > limit:
+            raise ValueError(
+                f"The input ({len(input_ids)} tokens) is longer than the model's context length ({limit} tokens); "
+                "pass truncate=true to cut it."
+            )
+        # All zeros is the model's default: not worth carrying.
+        types = list(types) if types is not None and any(types) else None
+        return TokenizedEmbeddingReqInput(rid=rid, input_text=text, input_ids=input_ids, token_type_ids=types)
+
+    async def embedding_request(self, obj: EmbeddingReqInput, request: Any = None) -> Any:
+        """One dict {"embedding", "meta_info"} for a single input, a list of them for a batch. All inputs
+        are validated before any is sent, and sent as one message so the scheduler batches them."""
+        self._ensure_loop()
+        if not self.is_embedding:
+            raise ValueError("this server serves a generation model; start it with --is-embedding for embeddings")
+        obj.validate()
+        tokenized = [self._tokenize_embedding(t, ids, rid or new_rid(), obj.truncate) for t, ids, rid in obj.items()]
+        rids = [t.rid for t in tokenized]
+        if len(set(rids)) != len(rids) or any(r in self.rid_to_state for r in rids):
+            raise ValueError("duplicate request id")
+        states = [ReqState(stream=False) for _ in tokenized]
+        self.rid_to_state.update(zip(rids, states))
+        self.send_to_scheduler.send_pyobj(BatchTokenizedEmbeddingReqInput(tokenized))
+        try:
+            outs = [await self._wait_embedding(rid, st, request) for rid, st in zip(rids, states)]
+        finally:
+            for rid, st in zip(rids, states):
+                self.rid_to_state.pop(rid, None)
+                if not st.finished:
+                    self.abort_request(rid)
+        return outs[0] if obj.is_single() else outs
+
+    async def _wait_embedding(self, rid: str, st: ReqState, request: Any) -> Dict[str, Any]:
+        while not st.finished:
+            try:
+                await asyncio.wait_for(st.event.wait(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    raise ValueError(CLIENT_ABORT) from None
+        fr = st.finished_reason
+        if fr.get("type") == "abort":
+            raise ValueError(fr.get("message", "request aborted"))
+        meta = {"id": rid, "finish_reason": fr, "prompt_tokens": st.meta.get("prompt_tokens", 0)}
+        return {"embedding": st.meta.get("embedding"), "meta_info": meta}
 
     def _token_text(self, tid: int) -> str:
         s = self._token_text_cache.get(tid)

@@ -78,6 +78,10 @@ class ForwardBatch:
     return_logprob: bool = False
     top_logprobs_nums: Optional[List[int]] = None
     token_type_ids: Optional[torch.Tensor] = None
+    # Skip the KV cache (prefill-only embedding serving; decided once, in model_runner.decide_skip_kv_cache):
+    # attention runs on this batch's raw k/v, varlen over requests, the queries' cumulative lengths used for
+    # the keys too (no request has a cached prefix). The KV pool is a NoOpKVPool: nothing may write or read it.
+    skip_kv_cache: bool = False
     extra: dict = field(default_factory=dict)  # per-backend scratch metadata
 
     @classmethod
@@ -94,6 +98,9 @@ class ForwardBatch:
         def t(x: List[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64).to(device, non_blocking=True)
 
+        skip_kv_cache = bool(getattr(runner, "skip_kv_cache", False)) and b.forward_mode.is_extend()
+        if skip_kv_cache and any(b.prefix_lens):
+            raise RuntimeError("skip_kv_cache batch with a cached prefix: its KV was never written")
         return cls(
             forward_mode=b.forward_mode,
             batch_size=len(b.seq_lens),
@@ -115,4 +122,5 @@ class ForwardBatch:
             return_logprob=b.return_logprob,
             top_logprobs_nums=b.top_logprobs_nums,
             token_type_ids=t(b.token_type_ids) if b.token_type_ids is not None else None,
+            skip_kv_cache=skip_kv_cache,
         )

@@ -11,9 +11,10 @@ import torch
 from sglx.srt.configs.model_config import ModelConfig
 from sglx.srt.layers.attention.registry import create_model_attention_backend
 from sglx.srt.layers.logits_processor import LogitsProcessorOutput
+from sglx.srt.layers.pooler import Pooler, resolve_pooling_config
 from sglx.srt.layers.sampler import Sampler, SamplerOutput
 from sglx.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
-from sglx.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglx.srt.mem_cache.memory_pool import KVCache, MHATokenToKVPool, NoOpKVPool, ReqToTokenPool
 from sglx.srt.model_executor.forward_batch import ForwardBatch, ModelWorkerBatch
 from sglx.srt.model_executor.model_loader import get_model
 from sglx.srt.server_args import ServerArgs
@@ -25,6 +26,45 @@ CPU_DEFAULT_MAX_TOTAL_TOKENS = 32768
 
 KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "float32": torch.float32}
+
+
+# Attention backends whose extend path runs on the raw k/v when ForwardBatch.skip_kv_cache is set (they then
+# never touch the KV pool; their class says so with `supports_skip_kv_cache = True`, checked at start-up).
+# Any other backend serves embedding models through a real KV pool instead (the cache path). The set is by
+# name because the pool is built before the backend. fa3 joins it with its flash_attn_varlen_func path.
+SKIP_KV_CACHE_BACKENDS = frozenset({"torch_native", "triton"})
+
+
+def decide_skip_kv_cache(model_config: ModelConfig, server_args: ServerArgs) -> bool:
+    """The one place that decides whether attention skips the KV cache.
+
+    Serving embeddings is prefill only: every request is one forward whose K/V is written and never read
+    again. So the KV pool can be a no-op pool (no memory: it goes to larger batches) and attention can run
+    on the raw K/V of the batch, but only when:
+      * the model serves embeddings (no decode step will ever read the cache);
+      * the radix cache is off: with it on, a later request would match a cached prefix whose slots point
+        at KV that was never written, and attend to garbage;
+      * chunked prefill is off: a later chunk reads the earlier chunks' K/V from the pool;
+      * the prefill attention backend implements the raw-K/V path (SKIP_KV_CACHE_BACKENDS).
+    """
+    return (
+        model_config.is_embedding
+        and server_args.disable_radix_cache
+        and server_args.chunked_prefill_size == -1
+        and server_args.prefill_attention_backend in SKIP_KV_CACHE_BACKENDS
+    )
+
+
+def embedding_trunk(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose forward(input_ids, positions, fb) gives the final hidden states [tokens, hidden]:
+    an encoder itself, or a causal LM's `.model` (its output is after the final norm, like transformers'
+    `last_hidden_state`)."""
+    if getattr(model, "forward_returns_hidden_states", False):
+        return model
+    trunk = getattr(model, "model", None)
+    if trunk is None:
+        raise ValueError(f"{type(model).__name__} cannot serve embeddings: no hidden-state trunk")
+    return trunk
 
 
 @dataclass
@@ -44,9 +84,20 @@ class ModelRunner:
             torch.set_num_threads(server_args.num_threads)
         self.model = get_model(model_config, server_args.load_format, str(self.device))
         self.kv_cache_dtype = KV_DTYPES.get(server_args.kv_cache_dtype, model_config.dtype)
+        self.skip_kv_cache = decide_skip_kv_cache(model_config, server_args)
         self.init_memory_pool()
         self.attn_backend = create_model_attention_backend(server_args, self)
+        prefill_backend = getattr(self.attn_backend, "prefill", self.attn_backend)  # HybridAttnBackend
+        if self.skip_kv_cache and not getattr(prefill_backend, "supports_skip_kv_cache", False):
+            raise RuntimeError(f"{type(prefill_backend).__name__} is listed in SKIP_KV_CACHE_BACKENDS but does "
+                               "not implement the raw-K/V path (supports_skip_kv_cache)")
         self.sampler = Sampler()
+        self.pooler: Optional[Pooler] = None
+        if model_config.is_embedding:
+            self.pooler = Pooler(resolve_pooling_config(
+                model_config.model_path, not model_config.is_encoder_only, server_args.pooling,
+                server_args.no_normalize,
+            ))
 
     # ------------------------------------------------------------------ memory
     def cell_size_bytes(self) -> int:
@@ -73,7 +124,11 @@ class ModelRunner:
         self.max_total_num_tokens = max_tokens
         self.max_running_requests = sa.max_running_requests
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 1, c.context_len + 4, str(self.device))
-        self.token_to_kv_pool = MHATokenToKVPool(
+        # With the KV cache skipped, max_tokens still bounds the tokens of a batch (through the allocator,
+        # whose slot numbers are then bookkeeping only), but no memory is reserved for them.
+        self.token_to_kv_pool: KVCache = NoOpKVPool(
+            max_tokens, self.page_size, self.kv_cache_dtype, str(self.device)
+        ) if self.skip_kv_cache else MHATokenToKVPool(
             max_tokens, self.page_size, self.kv_cache_dtype, c.num_key_value_heads, c.head_dim,
             c.num_hidden_layers, str(self.device),
         )
@@ -81,8 +136,10 @@ class ModelRunner:
             self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(max_tokens, str(self.device))
         else:
             self.token_to_kv_pool_allocator = PagedTokenToKVPoolAllocator(max_tokens, self.page_size, str(self.device))
-        logger.info("KV cache: %d tokens (%.1f MB), page size %d", max_tokens,
-                    max_tokens * self.cell_size_bytes() / 2**20, self.page_size)
+        logger.info("KV cache: %d tokens (%.1f MB), page size %d%s", max_tokens,
+                    self.token_to_kv_pool.mem_usage_bytes() / 2**20, self.page_size,
+                    " (skipped: prefill-only embeddings; the size is the batch-token budget)"
+                    if self.skip_kv_cache else "")
 
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
@@ -99,3 +156,13 @@ class ModelRunner:
             return_logprob=batch.return_logprob, top_logprobs_nums=batch.top_logprobs_nums,
         )
         return GenerationBatchResult(logits_output, sampler_output)
+
+    @torch.inference_mode()
+    def forward_batch_embedding(self, batch: ModelWorkerBatch) -> torch.Tensor:
+        """One pooled (and, per the pooling config, L2-normalized) float32 embedding per request."""
+        if self.pooler is None:
+            raise RuntimeError("this model runner was not built for an embedding model")
+        fb = ForwardBatch.init_new(batch, self)
+        self.attn_backend.init_forward_metadata(fb)
+        hidden_states = embedding_trunk(self.model)(fb.input_ids, fb.positions, fb)
+        return self.pooler(hidden_states, fb)

@@ -7,7 +7,7 @@ from typing import Dict, Type
 
 from torch import nn
 
-_MODEL_MODULES = ["llama", "qwen3"]
+_MODEL_MODULES = ["llama", "qwen3", "bert"]
 
 
 def _collect() -> Dict[str, Type[nn.Module]]:

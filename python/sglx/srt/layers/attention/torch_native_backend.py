@@ -2,6 +2,8 @@
 
 Extend batches loop over requests (each attends to its cached prefix plus its own new tokens, causally);
 decode batches gather every request's KV into one padded tensor and run a single masked SDPA call.
+With `fb.skip_kv_cache` (prefill-only embedding serving) extend batches attend over the batch's raw k/v,
+request by request, and never touch the KV pool (it is a NoOpKVPool then).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def sdpa(
 
 
 class TorchNativeAttnBackend(AttentionBackend):
+    # Implements the raw-K/V extend path of ForwardBatch.skip_kv_cache (see model_runner.decide_skip_kv_cache).
+    supports_skip_kv_cache = True
+
     def __init__(self, runner) -> None:
         self.device = runner.device
 
@@ -55,6 +60,8 @@ class TorchNativeAttnBackend(AttentionBackend):
         pass  # everything is derived per call; this backend is the reference, not the fast path
 
     def forward(self, q, k, v, layer: "RadixAttention", fb: "ForwardBatch", *, out, save_kv_cache=True):
+        if fb.skip_kv_cache:
+            return self._extend_raw(q, k, v, layer, fb, out)
         if save_kv_cache and k is not None:
             fb.token_to_kv_pool.set_kv_buffer(
                 layer.layer_id,
@@ -88,6 +95,22 @@ class TorchNativeAttnBackend(AttentionBackend):
             res = sdpa(qi, ki, vi, mask, layer.scaling, layer.logit_cap)
             o3[start : start + ext] = res.squeeze(0).transpose(0, 1)
             start += ext
+        return out
+
+    def _extend_raw(self, q, k, v, layer, fb, out):
+        """Varlen attention on the new tokens' own k/v: request i's queries and keys are the same rows
+        [start_i, start_i + len_i) (no prefix exists on this path); causal or not as the layer says."""
+        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        k3 = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim)
+        v3 = v.view(-1, layer.tp_v_head_num, layer.v_head_dim)
+        o3 = out.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        start = 0
+        for n in fb.extend_seq_lens_cpu:
+            rows = slice(start, start + n)
+            qi, ki, vi = (x[rows].transpose(0, 1).unsqueeze(0) for x in (q3, k3, v3))
+            mask = attention_mask(torch.arange(n, device=q.device), n, layer.is_causal, layer.sliding_window_size)
+            o3[rows] = sdpa(qi, ki, vi, mask, layer.scaling, layer.logit_cap).squeeze(0).transpose(0, 1)
+            start += n
         return out
 
     def _decode(self, q, layer, fb, out):

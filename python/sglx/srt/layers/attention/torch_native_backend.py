@@ -49,6 +49,9 @@ def sdpa(
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
+DECODE_LEN_BUCKET = 256
+
+
 class TorchNativeAttnBackend(AttentionBackend):
     # Implements the raw-K/V extend path of ForwardBatch.skip_kv_cache (see model_runner.decide_skip_kv_cache).
     supports_skip_kv_cache = True
@@ -116,6 +119,11 @@ class TorchNativeAttnBackend(AttentionBackend):
     def _decode(self, q, layer, fb, out):
         k_buf, v_buf = self._kv(layer, fb)
         bs, max_len = fb.batch_size, max(fb.seq_lens_cpu)
+        if q.is_cuda:
+            # cuDNN's SDPA plans per shape: a new length each step cost ~40 ms on an H200. Bucketing the padded
+            # length reuses plans; the mask hides the padding (see docs/benchmarks.md).
+            max_len = min(-(-max_len // DECODE_LEN_BUCKET) * DECODE_LEN_BUCKET,
+                          fb.req_to_token_pool.req_to_token.shape[1])
         idx = fb.req_to_token_pool.req_to_token[fb.req_pool_indices, :max_len].long()  # [bs, L]
         k = k_buf[idx].transpose(1, 2).to(q.dtype)  # [bs, Hkv, L, D]
         v = v_buf[idx].transpose(1, 2).to(q.dtype)

@@ -164,12 +164,6 @@ class ScheduleBatch:
         self.prefix_lens: List[int] = []
         self.out_cache_loc: Optional[torch.Tensor] = None
 
-    def is_empty(self) -> bool:
-        return not self.reqs
-
-    def batch_size(self) -> int:
-        return len(self.reqs)
-
     # ---------------------------------------------------------------- extend
     def prepare_for_extend(self) -> None:
         """Give each request a ReqToTokenPool row and KV slots for its new tokens (the caller checked that
@@ -213,61 +207,44 @@ class ScheduleBatch:
         self.input_ids = [r.output_ids[-1] for r in self.reqs]
         self.prefix_lens = [r.kv_len for r in self.reqs]
         self.seq_lens = [r.kv_len + 1 for r in self.reqs]
-        rows = torch.tensor([r.req_pool_idx for r in self.reqs], dtype=torch.int64)
-        cols = torch.tensor([r.kv_len - 1 for r in self.reqs], dtype=torch.int64)
-        last_locs = ctx.req_to_token_pool.req_to_token[rows, cols].tolist()
+        table = ctx.req_to_token_pool.req_to_token
+        rows = torch.tensor([r.req_pool_idx for r in self.reqs], dtype=torch.int64, device=table.device)
+        cols = torch.tensor([r.kv_len - 1 for r in self.reqs], dtype=torch.int64, device=table.device)
+        last_locs = table[rows, cols].tolist()
         loc = ctx.alloc_with_evict(
             lambda: ctx.allocator.alloc_decode(self.seq_lens, last_locs), self.decode_tokens_needed()
         )
         self.out_cache_loc = loc
-        ctx.req_to_token_pool.req_to_token[rows.to(ctx.req_to_token_pool.req_to_token.device),
-                                           cols.to(ctx.req_to_token_pool.req_to_token.device) + 1] = loc.to(
-            ctx.req_to_token_pool.req_to_token.dtype
-        )
+        table[rows, cols + 1] = loc.to(table.device, table.dtype)
         for r in self.reqs:
             r.kv_len += 1
 
-    # ---------------------------------------------------------------- composition
-    def filter_batch(self, keep: Optional[List[Req]] = None) -> None:
-        self.reqs = [r for r in (keep if keep is not None else self.reqs) if not r.finished()]
-
-    def merge(self, other: "ScheduleBatch") -> None:
-        self.reqs.extend(other.reqs)
-
+    # ---------------------------------------------------------------- hand-off
     def get_model_worker_batch(self) -> ModelWorkerBatch:
         ctx = self.ctx
+        batch = ModelWorkerBatch(
+            forward_mode=self.forward_mode,
+            input_ids=self.input_ids,
+            req_pool_indices=[r.req_pool_idx for r in self.reqs],
+            seq_lens=self.seq_lens,
+            prefix_lens=self.prefix_lens,
+            out_cache_loc=self.out_cache_loc,
+        )
         if ctx.is_embedding:
-            return self._embedding_worker_batch()
-        return_logprob = any(r.return_logprob for r in self.reqs)
-        return ModelWorkerBatch(
-            forward_mode=self.forward_mode,
-            input_ids=self.input_ids,
-            req_pool_indices=[r.req_pool_idx for r in self.reqs],
-            seq_lens=self.seq_lens,
-            prefix_lens=self.prefix_lens,
-            out_cache_loc=self.out_cache_loc,
-            sampling_info=SamplingBatchInfo.from_reqs(self.reqs, ctx.vocab_size, ctx.device),
-            return_logprob=return_logprob,
-            top_logprobs_nums=[r.top_logprobs_num for r in self.reqs] if return_logprob else None,
-        )
-
-    def _embedding_worker_batch(self) -> ModelWorkerBatch:
-        """Prefill only: no sampling info; token type ids of the new tokens when any request has them."""
-        types = None
-        if any(r.token_type_ids is not None for r in self.reqs):
-            types = []
-            for r, pre, seq in zip(self.reqs, self.prefix_lens, self.seq_lens):
-                types.extend(r.token_type_ids[pre:seq] if r.token_type_ids is not None else [0] * (seq - pre))
-        return ModelWorkerBatch(
-            forward_mode=self.forward_mode,
-            input_ids=self.input_ids,
-            req_pool_indices=[r.req_pool_idx for r in self.reqs],
-            seq_lens=self.seq_lens,
-            prefix_lens=self.prefix_lens,
-            out_cache_loc=self.out_cache_loc,
-            is_embedding=True,
-            token_type_ids=types,
-        )
+            # Prefill only: no sampling; token type ids of the new tokens when any request has them.
+            batch.is_embedding = True
+            if any(r.token_type_ids is not None for r in self.reqs):
+                batch.token_type_ids = [
+                    t
+                    for r, pre, seq in zip(self.reqs, self.prefix_lens, self.seq_lens)
+                    for t in (r.token_type_ids[pre:seq] if r.token_type_ids is not None else [0] * (seq - pre))
+                ]
+            return batch
+        batch.sampling_info = SamplingBatchInfo.from_reqs(self.reqs, ctx.vocab_size, ctx.device)
+        batch.return_logprob = any(r.return_logprob for r in self.reqs)
+        if batch.return_logprob:
+            batch.top_logprobs_nums = [r.top_logprobs_num for r in self.reqs]
+        return batch
 
 
 class BatchContext:

@@ -20,10 +20,11 @@ class SchedulePolicy:
         self.rng = random.Random(seed)
 
     def sort(self, waiting: List[Req]) -> None:
-        """Order the waiting queue in place. Every request gets its prefix match computed here."""
-        for r in waiting:
-            r.init_next_round_input(self.tree_cache)
+        """Order the waiting queue in place. Only lpm needs every request's prefix match to sort; the other
+        policies match a request when the PrefillAdder considers it (a long queue costs nothing per step)."""
         if self.policy == "lpm":
+            for r in waiting:
+                r.init_next_round_input(self.tree_cache)
             # Longest cached prefix first: requests sharing a hot prefix run together while it is cached.
             waiting.sort(key=lambda r: -len(r.prefix_indices))
         elif self.policy == "lof":

@@ -296,7 +296,10 @@ class Scheduler:
             adder.add_one_req(self.chunked_req)
             if not adder.can_run:
                 return None  # it goes first; wait until memory frees up
+        matched = self.policy.policy == "lpm"
         for req in self.waiting_queue:
+            if not matched:
+                req.init_next_round_input(self.tree_cache)
             if not adder.add_one_req(req):
                 break
         if not adder.can_run:

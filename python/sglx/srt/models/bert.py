@@ -9,7 +9,7 @@ used by sentence embeddings, so its weights are skipped.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import nn
 from sglx.srt.layers.linear import StackedLinear
 from sglx.srt.layers.radix_attention import RadixAttention
 from sglx.srt.model_executor.forward_batch import ForwardBatch
+from sglx.srt.model_executor.model_loader.weight_utils import load_named_weights
 
 _ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # erf form, as transformers' "gelu"
@@ -134,30 +135,19 @@ class BertModel(nn.Module):
             hidden_states = layer(hidden_states, fb)
         return hidden_states
 
-    @torch.no_grad()
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
-        modules = dict(self.named_modules())
-        loaded = set()
-        for name, tensor in weights:
-            name = name[len("bert."):] if name.startswith("bert.") else name  # BertFor* checkpoints
-            if name.startswith(_SKIPPED_PREFIXES):
-                continue
-            parts = name.rsplit(".", 2)  # [module path, query|key|value, weight|bias]
-            if len(parts) == 3 and parts[1] in _QKV and parts[0].endswith("attention.self"):
-                fused = f"{parts[0]}.qkv_proj"
-                modules[fused].load_shard(_QKV[parts[1]], parts[2], tensor)
-                loaded.add(f"{fused}.{parts[2]}")
-                continue
-            if name not in params:
-                raise KeyError(f"checkpoint tensor {name!r} has no parameter in BertModel")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} != parameter {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
-            loaded.add(name)
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing parameters: {sorted(missing)[:8]}")
+        def strip(name: str) -> str:
+            return name[len("bert."):] if name.startswith("bert.") else name  # BertFor* checkpoints
+
+        named = ((strip(n), t) for n, t in weights)
+        load_named_weights(self, ((n, t) for n, t in named if not n.startswith(_SKIPPED_PREFIXES)), _route_qkv)
+
+
+def _route_qkv(name: str) -> Optional[Tuple[str, str, str]]:
+    parts = name.rsplit(".", 2)  # [module path, query|key|value, weight|bias]
+    if len(parts) == 3 and parts[1] in _QKV and parts[0].endswith("attention.self"):
+        return f"{parts[0]}.qkv_proj", _QKV[parts[1]], parts[2]
+    return None
 
 
 EntryClass = [BertModel]

@@ -17,6 +17,7 @@ from sglx.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOut
 from sglx.srt.layers.radix_attention import RadixAttention
 from sglx.srt.layers.rotary_embedding import get_rope
 from sglx.srt.model_executor.forward_batch import ForwardBatch
+from sglx.srt.model_executor.model_loader.weight_utils import load_named_weights
 
 # checkpoint sub-name -> (fused module attribute, shard name)
 STACKED_PARAMS = {
@@ -142,32 +143,17 @@ class LlamaForCausalLM(nn.Module):
         hidden_states = self.model(input_ids, positions, fb)
         return self.logits_processor(hidden_states, self.lm_head_weight, fb)
 
-    @torch.no_grad()
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
-        modules = dict(self.named_modules())
-        loaded = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.tie_word_embeddings and name == "lm_head.weight":
-                continue
-            parts = name.rsplit(".", 2)  # [module path, sub, weight|bias]
-            if len(parts) == 3 and parts[1] in STACKED_PARAMS:
-                fused, shard = STACKED_PARAMS[parts[1]]
-                mod_name = f"{parts[0]}.{fused}"
-                modules[mod_name].load_shard(shard, parts[2], tensor)
-                loaded.add(f"{mod_name}.{parts[2]}")
-                continue
-            if name not in params:
-                raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} != parameter {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
-            loaded.add(name)
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing parameters: {sorted(missing)[:8]}")
+        skip = lambda n: "rotary_emb.inv_freq" in n or (self.tie_word_embeddings and n == "lm_head.weight")
+        load_named_weights(self, ((n, t) for n, t in weights if not skip(n)), _route_stacked)
+
+
+def _route_stacked(name: str) -> Optional[Tuple[str, str, str]]:
+    parts = name.rsplit(".", 2)  # [module path, sub-module, weight|bias]
+    if len(parts) == 3 and parts[1] in STACKED_PARAMS:
+        fused, shard = STACKED_PARAMS[parts[1]]
+        return f"{parts[0]}.{fused}", shard, parts[2]
+    return None
 
 
 class MistralForCausalLM(LlamaForCausalLM):

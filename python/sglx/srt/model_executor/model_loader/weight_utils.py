@@ -1,0 +1,36 @@
+"""Copying checkpoint tensors (transformers names) into a model whose q/k/v or gate/up are fused."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+# name -> (fused module path, shard name, "weight" | "bias"), or None for a plain parameter
+ShardRoute = Callable[[str], Optional[Tuple[str, str, str]]]
+
+
+@torch.no_grad()
+def load_named_weights(model: nn.Module, weights: Iterable[Tuple[str, torch.Tensor]], route: ShardRoute) -> None:
+    """Copy every tensor into its parameter (or fused shard); fail loudly on an unknown name, a shape mismatch
+    or a parameter the checkpoint never provided (random weights must never be served by accident)."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    loaded = set()
+    for name, tensor in weights:
+        shard = route(name)
+        if shard is not None:
+            fused, shard_name, kind = shard
+            modules[fused].load_shard(shard_name, kind, tensor)
+            loaded.add(f"{fused}.{kind}")
+            continue
+        if name not in params:
+            raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != parameter {tuple(params[name].shape)}")
+        params[name].copy_(tensor)
+        loaded.add(name)
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"checkpoint is missing parameters: {sorted(missing)[:8]}")

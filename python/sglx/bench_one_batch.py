@@ -30,8 +30,6 @@ import torch
 from sglx.srt.configs.model_config import ModelConfig
 from sglx.srt.layers.attention.registry import create_attention_backend
 from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
-from sglx.srt.model_executor.model_loader import dummy_loader
-from sglx.srt.model_executor.model_loader.dummy_loader import DUMMY_RANGE, DUMMY_SEED, _is_norm
 from sglx.srt.model_executor.model_runner import ModelRunner
 from sglx.srt.sampling.sampling_batch_info import SamplingBatchInfo
 from sglx.srt.sampling.sampling_params import SamplingParams
@@ -333,37 +331,6 @@ def print_summary(backend: str, rec: Dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-@contextlib.contextmanager
-def dummy_weights_on_device(enabled: bool):
-    """The engine's dummy loader draws every weight on the CPU (minutes for 8B parameters). For timing only
-    the value range matters, so this draws the same uniform range on the device instead, while loading."""
-    if not enabled:
-        yield
-        return
-    original = dummy_loader.init_dummy_weights
-    dummy_loader.init_dummy_weights = _init_dummy_on_device
-    try:
-        yield
-    finally:
-        dummy_loader.init_dummy_weights = original
-
-
-@torch.no_grad()
-def _init_dummy_on_device(model: torch.nn.Module, seed: int = DUMMY_SEED, low: float = -DUMMY_RANGE,
-                          high: float = DUMMY_RANGE) -> None:
-    """Same signature, range and norm handling as dummy_loader.init_dummy_weights; other random numbers."""
-    gens: Dict[torch.device, torch.Generator] = {}
-    for module_name, module in model.named_modules():
-        norm = _is_norm(module, module_name)
-        for name, param in module.named_parameters(recurse=False):
-            if norm:
-                param.fill_(1.0 if name == "weight" else 0.0)
-                continue
-            if param.device not in gens:
-                gens[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-            param.uniform_(low, high, generator=gens[param.device])
-
-
 def all_cases(args: argparse.Namespace) -> List[Case]:
     cases = [Case(b, i, o) for b, i, o in itertools.product(args.batch_size, args.input_len, args.output_len)]
     for spec in args.case or []:
@@ -391,9 +358,7 @@ def build_runner(args: argparse.Namespace, cases: Sequence[Case]) -> ModelRunner
         random_seed=args.seed, disable_cuda_graph=True, disable_radix_cache=True,
     )
     cfg = ModelConfig.from_path(sa.model_path, dtype=sa.dtype, context_length=sa.context_length, device=sa.device)
-    on_device = args.load_format == "dummy" and args.dummy_init == "device"
-    with dummy_weights_on_device(on_device):
-        runner = ModelRunner(cfg, sa)
+    runner = ModelRunner(cfg, sa)
     if runner.max_total_num_tokens < need:
         raise RuntimeError(f"KV pool of {runner.max_total_num_tokens} tokens < {need} needed by the largest case")
     return runner
@@ -403,8 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sglx.bench_one_batch", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", required=True, help="HF directory (config.json alone is enough with dummy)")
     p.add_argument("--load-format", default="dummy")
-    p.add_argument("--dummy-init", choices=("device", "cpu"), default="device",
-                   help="dummy weights drawn on the device (fast) or by the engine's CPU loader")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--attention-backend", nargs="+", default=None,

@@ -25,7 +25,9 @@ from sglx.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglx.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 DEVICE = "cuda"
-BACKENDS = ["triton"]  # the GPU issue's other backends join this list as they land
+BACKENDS = ["triton", "flashinfer", "fa3"]
+# flashinfer/fa3 plan one attention shape per batch: sliding windows and logit caps are the triton backend's.
+WINDOW_BACKENDS = ["triton"]
 E, D, M = ForwardMode.EXTEND, ForwardMode.DECODE, ForwardMode.MIXED
 LENS = {  # (cached prefix, new tokens) per request
     "prefill": ((0, 1), (0, 77), (0, 300), (0, 513)),
@@ -141,14 +143,14 @@ def test_matrix(name, kind, page_size, gqa, head_dim):
     check(name, Case(LENS[kind], MODES[kind], page_size, heads, kv_heads, head_dim))
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", WINDOW_BACKENDS)
 @pytest.mark.parametrize("kind", ["prefix", "decode", "mixed"])
 @pytest.mark.parametrize("window,cap", [(100, 0.0), (-1, 30.0), (64, 5.0)], ids=["window", "softcap", "both"])
 def test_sliding_window_and_soft_cap(name, kind, window, cap):
     check(name, Case(LENS[kind], MODES[kind], 16, 16, 4, 128, window=window, logit_cap=cap))
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", WINDOW_BACKENDS)
 @pytest.mark.parametrize("head_dim", [96, 256])
 @pytest.mark.parametrize("kind", ["prefix", "decode"])
 def test_other_head_dims(name, kind, head_dim):
@@ -158,6 +160,55 @@ def test_other_head_dims(name, kind, head_dim):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_non_causal(name):
     check(name, Case(LENS["prefill"], E, 1, 16, 4, 64, causal=False))
+
+
+@pytest.mark.parametrize("name", ["flashinfer", "fa3"])
+def test_flashinfer_refuses_window_and_cap(name):
+    fb, layer, q, k, v = build(Case(LENS["decode"], D, 16, 16, 4, 128, window=100))
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        run_backend(name, fb, layer, q, k, v)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_skip_kv_cache_never_touches_the_pool(name):
+    """The embedding path (fb.skip_kv_cache): raw k/v in, the pool neither written nor read."""
+    case = Case(LENS["prefill"], E, 1, 16, 4, 128)
+    fb, layer, q, k, v = build(case)
+    want = run_backend("torch_native", with_pool(fb, torch.bfloat16), layer, q, k, v)
+    before = [b.clone() for b in fb.token_to_kv_pool.get_kv_buffer(0)]
+    fb.skip_kv_cache = True
+    got = run_backend(name, fb, layer, q, k, v)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    for b0, b1 in zip(before, fb.token_to_kv_pool.get_kv_buffer(0)):
+        assert torch.equal(b0, b1), "the skip-KV path wrote the pool"
+
+
+def test_flash_attn_one_shot_helpers():
+    """flash_attn_varlen_func / flash_attn_with_kvcache (fa3) against torch_native's reference."""
+    from sglx.srt.layers.attention.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+    case = Case(LENS["prefix"], E, 16, 16, 4, 128)
+    fb, layer, q, k, v = build(case)
+    want = run_backend("torch_native", fb, layer, q, k, v)  # also stores the new k/v in the pool
+    q3 = q.view(-1, 16, 128)
+    ext = torch.tensor([0] + fb.extend_seq_lens_cpu).cumsum(0).to(torch.int32)
+    kb, vb = fb.token_to_kv_pool.get_kv_buffer(0)
+    ps = 16
+    table = fb.req_to_token_pool.req_to_token[fb.req_pool_indices, ::ps] // ps
+    out = torch.empty_like(q3)
+    got = flash_attn_with_kvcache(q3, kb.view(-1, ps, 4, 128), vb.view(-1, ps, 4, 128), table, fb.seq_lens, ext,
+                                  softmax_scale=layer.scaling, causal=True, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got.view_as(want), want, atol=2e-2, rtol=2e-2)
+
+    fb, layer, q, k, v = build(Case(LENS["prefill"], E, 1, 16, 4, 128))
+    want = run_backend("torch_native", fb, layer, q, k, v)
+    cu = torch.tensor([0] + fb.extend_seq_lens_cpu).cumsum(0).to(torch.int32)
+    out = torch.empty(q.shape[0], 16, 128, dtype=q.dtype, device=DEVICE)
+    got = flash_attn_varlen_func(q.view(-1, 16, 128), k.view(-1, 4, 128), v.view(-1, 4, 128), cu, cu,
+                                 softmax_scale=layer.scaling, causal=True, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got.view_as(want), want, atol=2e-2, rtol=2e-2)
 
 
 def test_triton_cuda_graph_decode_replay():

@@ -52,6 +52,9 @@ class ServerArgs:
     # Embedding models: override the model's own pooling (last | cls | mean) and L2 normalization.
     pooling: Optional[str] = None
     no_normalize: bool = False
+    # Embedding models: keep writing the KV pool even where the skip-KV path applies (an A/B switch for
+    # measuring that path; see model_runner.decide_skip_kv_cache).
+    disable_embedding_skip_kv_cache: bool = False
     # Memory and scheduling
     mem_fraction_static: float = 0.85
     max_running_requests: Optional[int] = None
@@ -67,7 +70,7 @@ class ServerArgs:
     prefill_attention_backend: Optional[str] = None
     decode_attention_backend: Optional[str] = None
     sampling_backend: Optional[str] = None
-    cuda_graph_max_bs: int = 160
+    cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
     # Parallelism
     tp_size: int = 1

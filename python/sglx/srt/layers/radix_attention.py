@@ -12,6 +12,10 @@ if TYPE_CHECKING:
 
 
 class RadixAttention(nn.Module):
+    # Test-only: make the backend write into a scratch tensor that is then copied into the layer's output,
+    # i.e. the one device-to-device copy per layer that `out=` removes (the profiler test's contrast case).
+    force_output_copy: bool = False
+
     def __init__(
         self,
         num_heads: int,
@@ -47,6 +51,11 @@ class RadixAttention(nn.Module):
     ) -> torch.Tensor:
         # The output is allocated here, once, and the backend writes into it (no copy afterwards).
         out = q.new_empty(q.shape[0], self.tp_q_head_num * self.v_head_dim)
+        if self.force_output_copy:
+            scratch = forward_batch.attn_backend.forward(
+                q, k, v, self, forward_batch, out=torch.empty_like(out), save_kv_cache=save_kv_cache
+            )
+            return out.copy_(scratch)
         return forward_batch.attn_backend.forward(
             q, k, v, self, forward_batch, out=out, save_kv_cache=save_kv_cache
         )

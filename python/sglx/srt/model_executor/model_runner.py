@@ -9,12 +9,14 @@ from typing import Optional
 import torch
 
 from sglx.srt.configs.model_config import ModelConfig
+from sglx.srt.layers.attention.base_attn_backend import HybridAttnBackend
 from sglx.srt.layers.attention.registry import create_model_attention_backend
 from sglx.srt.layers.logits_processor import LogitsProcessorOutput
 from sglx.srt.layers.pooler import Pooler, resolve_pooling_config
 from sglx.srt.layers.sampler import Sampler, SamplerOutput
 from sglx.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 from sglx.srt.mem_cache.memory_pool import KVCache, MHATokenToKVPool, NoOpKVPool, ReqToTokenPool
+from sglx.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from sglx.srt.model_executor.forward_batch import ForwardBatch, ModelWorkerBatch
 from sglx.srt.model_executor.model_loader import get_model
 from sglx.srt.server_args import ServerArgs
@@ -31,8 +33,8 @@ KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf
 # Attention backends whose extend path runs on the raw k/v when ForwardBatch.skip_kv_cache is set (they then
 # never touch the KV pool; their class says so with `supports_skip_kv_cache = True`, checked at start-up).
 # Any other backend serves embedding models through a real KV pool instead (the cache path). The set is by
-# name because the pool is built before the backend. fa3 joins it with its flash_attn_varlen_func path.
-SKIP_KV_CACHE_BACKENDS = frozenset({"torch_native", "triton"})
+# name because the pool is built before the backend. flashinfer and fa3 run VarlenAttention on the raw k/v.
+SKIP_KV_CACHE_BACKENDS = frozenset({"torch_native", "triton", "flashinfer", "fa3"})
 
 
 def decide_skip_kv_cache(model_config: ModelConfig, server_args: ServerArgs) -> bool:
@@ -45,10 +47,12 @@ def decide_skip_kv_cache(model_config: ModelConfig, server_args: ServerArgs) -> 
       * the radix cache is off: with it on, a later request would match a cached prefix whose slots point
         at KV that was never written, and attend to garbage;
       * chunked prefill is off: a later chunk reads the earlier chunks' K/V from the pool;
-      * the prefill attention backend implements the raw-K/V path (SKIP_KV_CACHE_BACKENDS).
+      * the prefill attention backend implements the raw-K/V path (SKIP_KV_CACHE_BACKENDS);
+      * --disable-embedding-skip-kv-cache is not set (it keeps the cache path, for A/B measurement).
     """
     return (
         model_config.is_embedding
+        and not server_args.disable_embedding_skip_kv_cache
         and server_args.disable_radix_cache
         and server_args.chunked_prefill_size == -1
         and server_args.prefill_attention_backend in SKIP_KV_CACHE_BACKENDS
@@ -87,11 +91,13 @@ class ModelRunner:
         self.skip_kv_cache = decide_skip_kv_cache(model_config, server_args)
         self.init_memory_pool()
         self.attn_backend = create_model_attention_backend(server_args, self)
-        prefill_backend = getattr(self.attn_backend, "prefill", self.attn_backend)  # HybridAttnBackend
+        prefill_backend = self.attn_backend.prefill if isinstance(self.attn_backend, HybridAttnBackend) \
+            else self.attn_backend
         if self.skip_kv_cache and not getattr(prefill_backend, "supports_skip_kv_cache", False):
             raise RuntimeError(f"{type(prefill_backend).__name__} is listed in SKIP_KV_CACHE_BACKENDS but does "
                                "not implement the raw-K/V path (supports_skip_kv_cache)")
         self.sampler = Sampler()
+        self.cuda_graph_runner = self.init_cuda_graphs()
         self.pooler: Optional[Pooler] = None
         if model_config.is_embedding:
             self.pooler = Pooler(resolve_pooling_config(
@@ -141,9 +147,21 @@ class ModelRunner:
                     " (skipped: prefill-only embeddings; the size is the batch-token budget)"
                     if self.skip_kv_cache else "")
 
+    def init_cuda_graphs(self) -> Optional[CudaGraphRunner]:
+        sa = self.server_args
+        if self.device.type != "cuda" or sa.disable_cuda_graph or self.model_config.is_embedding:
+            return None  # embeddings never decode
+        if not self.attn_backend.supports_cuda_graph:  # HybridAttnBackend: its decode backend's
+            logger.warning("CUDA graphs off: the %s decode backend does not support them",
+                           sa.decode_attention_backend)
+            return None
+        return CudaGraphRunner(self)
+
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
     def forward(self, batch: ModelWorkerBatch) -> LogitsProcessorOutput:
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
+            return self.cuda_graph_runner.replay(batch)
         fb = ForwardBatch.init_new(batch, self)
         self.attn_backend.init_forward_metadata(fb)
         return self.model.forward(fb.input_ids, fb.positions, fb)

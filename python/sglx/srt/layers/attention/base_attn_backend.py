@@ -61,3 +61,17 @@ class HybridAttnBackend(AttentionBackend):
 
     def forward(self, q, k, v, layer, fb, *, out, save_kv_cache=True):
         return self._pick(fb).forward(q, k, v, layer, fb, out=out, save_kv_cache=save_kv_cache)
+
+    # CUDA graphs capture decode batches only, so the hooks go to the decode backend.
+    @property
+    def supports_cuda_graph(self) -> bool:  # type: ignore[override]
+        return self.decode.supports_cuda_graph
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int = 0) -> None:
+        self.decode.init_cuda_graph_state(max_bs, max_num_tokens)
+
+    def init_forward_metadata_capture_cuda_graph(self, *args, **kwargs) -> None:
+        self.decode.init_forward_metadata_capture_cuda_graph(*args, **kwargs)
+
+    def init_forward_metadata_replay_cuda_graph(self, *args, **kwargs) -> None:
+        self.decode.init_forward_metadata_replay_cuda_graph(*args, **kwargs)

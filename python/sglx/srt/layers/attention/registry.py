@@ -22,6 +22,7 @@ def _load_builtin() -> None:
     # raise a clear error from their factory when the hardware or library is missing.
     from sglx.srt.layers.attention import torch_native_backend  # noqa: F401
     from sglx.srt.layers.attention import triton_backend  # noqa: F401  (imports triton lazily, in its factory)
+    from sglx.srt.layers.attention import flashinfer_backend  # noqa: F401  (flashinfer and fa3; lazy imports)
 
 
 def create_attention_backend(name: str, runner: Any) -> AttentionBackend:

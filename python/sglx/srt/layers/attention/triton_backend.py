@@ -43,8 +43,10 @@ def build_kv_indices(
     max_len: int,
     indptr: torch.Tensor,  # int32 [>= bs + 1] whose indptr[0] is 0 already; indptr[1:bs+1] filled
     indices: torch.Tensor,  # int32 [>= sum(lens)], filled
+    page_size: int = 1,  # > 1: lens count pages, and indices get page numbers
 ) -> None:
-    """Flatten req_to_token[row_i, :lens_i] for all i into `indices`: two launches, no host sync."""
+    """Flatten req_to_token[row_i, :lens_i] for all i into `indices` (or, with pages, every page_size-th
+    slot divided by page_size): two launches, no host sync."""
     bs = lens.numel()
     if bs == 0:
         return
@@ -52,7 +54,7 @@ def build_kv_indices(
     if max_len > 0:
         from sglx.srt.layers.attention.triton_ops import fill_kv_indices
 
-        fill_kv_indices(req_to_token, req_pool_indices, lens, indptr, indices)
+        fill_kv_indices(req_to_token, req_pool_indices, lens, indptr, indices, page_size)
 
 
 class TritonAttnBackend(AttentionBackend):
@@ -114,7 +116,7 @@ class TritonAttnBackend(AttentionBackend):
         if skip_cache and (k3 is None or meta.max_prefix_len > 0 or meta.is_decode):
             raise RuntimeError("skip_kv_cache needs an extend batch without cached prefixes and with its k/v")
         if save_kv_cache and k3 is not None and not skip_cache:
-            self._store_kv(layer, fb, k3, v3)
+            store_kv(layer, fb, k3, v3)
         q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o3 = out.view(-1, layer.tp_q_head_num, layer.v_head_dim)
         if meta.is_decode:
@@ -122,15 +124,6 @@ class TritonAttnBackend(AttentionBackend):
         else:
             self._extend(q3, k3, v3, o3, layer, fb, meta)
         return out
-
-    def _store_kv(self, layer: "RadixAttention", fb: "ForwardBatch", k3: torch.Tensor, v3: torch.Tensor) -> None:
-        pool = fb.token_to_kv_pool
-        if _is_plain_mha_pool(pool):
-            k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
-            if self.ops.can_fuse_store(k3, k_buf, v3, v_buf):
-                self.ops.store_kv_cache(k3, v3, k_buf, v_buf, fb.out_cache_loc)
-                return
-        pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc, k3, v3)  # casts / fp8 scales / other pools
 
     def _extend(self, q3, k3, v3, o3, layer, fb, meta: TritonMetadata) -> None:
         if meta.max_prefix_len == 0 and k3 is not None:
@@ -166,7 +159,9 @@ class TritonAttnBackend(AttentionBackend):
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int = 0) -> None:
         """Static index and scratch buffers for batches of up to `max_bs` decode requests."""
         max_ctx = self.runner.req_to_token_pool.req_to_token.shape[1]
-        self._graph = _GraphBuffers(max_bs, max_ctx, self.device)
+        # A decode batch holds at most every pool slot plus one padding slot per row.
+        max_indices = min(max_bs * max_ctx, getattr(self.runner, "max_total_num_tokens", max_bs * max_ctx) + max_bs)
+        self._graph = _GraphBuffers(max_bs, max_ctx, max_indices, self.device)
 
     def init_forward_metadata_capture_cuda_graph(
         self, bs: int, num_tokens: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
@@ -204,10 +199,10 @@ class TritonAttnBackend(AttentionBackend):
 class _GraphBuffers:
     """Buffers whose addresses a captured graph bakes in: sized for the largest batch, sliced per batch size."""
 
-    def __init__(self, max_bs: int, max_ctx: int, device: torch.device) -> None:
+    def __init__(self, max_bs: int, max_ctx: int, max_indices: int, device: torch.device) -> None:
         self.max_bs, self.max_ctx, self.device = max_bs, max_ctx, device
         self.kv_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=device)
-        self.kv_indices = torch.zeros(max_bs * max_ctx, dtype=torch.int32, device=device)
+        self.kv_indices = torch.zeros(max_indices, dtype=torch.int32, device=device)
         self.meta = TritonMetadata(True, self.kv_indptr, self.kv_indices, max_seq_len=max_ctx)
         self._scratch: Dict[Tuple[int, int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -219,6 +214,20 @@ class _GraphBuffers:
             self._scratch[key] = (part_o, part_lse)
         part_o, part_lse = self._scratch[key]
         return part_o[:bs], part_lse[:bs]
+
+
+def store_kv(layer: "RadixAttention", fb: "ForwardBatch", k3: torch.Tensor, v3: torch.Tensor) -> None:
+    """Store the new tokens' k/v [n, kv_heads, d] at fb.out_cache_loc: one fused Triton kernel for the plain
+    MHA pool, the pool's own set_kv_buffer otherwise (casts, fp8 scales, other pool layouts)."""
+    from sglx.srt.layers.attention import triton_ops
+
+    pool = fb.token_to_kv_pool
+    if _is_plain_mha_pool(pool):
+        k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+        if triton_ops.can_fuse_store(k3, k_buf, v3, v_buf):
+            triton_ops.store_kv_cache(k3, v3, k_buf, v_buf, fb.out_cache_loc)
+            return
+    pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc, k3, v3)
 
 
 def _is_plain_mha_pool(pool: Any) -> bool:

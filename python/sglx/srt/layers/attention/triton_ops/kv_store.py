@@ -68,9 +68,10 @@ def store_kv_cache(
 
 @triton.jit
 def _fill_kv_indices_kernel(
-    req_to_token, req_pool_indices, lens, indptr, out, stride_r2t, BLOCK: tl.constexpr,
+    req_to_token, req_pool_indices, lens, indptr, out, stride_r2t, PAGE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # Program b copies req_to_token[req_pool_indices[b], :lens[b]] to out[indptr[b]:].
+    # Program b writes, for j < lens[b], req_to_token[req_pool_indices[b], j * PAGE] // PAGE to out[indptr[b] + j]:
+    # token slots when PAGE == 1, else page numbers (a request's tokens fill its pages in order).
     b = tl.program_id(0)
     row = tl.load(req_pool_indices + b).to(tl.int64)
     n = tl.load(lens + b).to(tl.int32)
@@ -78,19 +79,23 @@ def _fill_kv_indices_kernel(
     offs = tl.arange(0, BLOCK)
     for start in range(0, n, BLOCK):
         m = start + offs < n
-        x = tl.load(req_to_token + row * stride_r2t + start + offs, mask=m)
+        x = tl.load(req_to_token + row * stride_r2t + (start + offs) * PAGE, mask=m)
+        if PAGE > 1:
+            x = x // PAGE
         tl.store(out + dst + start + offs, x, mask=m)
 
 
 def fill_kv_indices(
     req_to_token: torch.Tensor,  # int32 [rows, max_ctx]
     req_pool_indices: torch.Tensor,  # [bs]
-    lens: torch.Tensor,  # [bs]
+    lens: torch.Tensor,  # [bs] tokens (page_size 1) or pages to take from the start of each row
     indptr: torch.Tensor,  # int32 [>= bs + 1], already holding the exclusive cumsum of lens
     out: torch.Tensor,  # int32 [>= sum(lens)]
+    page_size: int = 1,  # > 1: out gets page numbers, from every page_size-th slot of the row
 ) -> None:
     bs = lens.numel()
     if bs:
         _fill_kv_indices_kernel[(bs,)](
-            req_to_token, req_pool_indices, lens, indptr, out, req_to_token.stride(0), BLOCK=512, num_warps=4
+            req_to_token, req_pool_indices, lens, indptr, out, req_to_token.stride(0), PAGE=page_size, BLOCK=512,
+            num_warps=4,
         )

@@ -27,3 +27,36 @@ def test_engine_generate_matches_server(server):
     finally:
         engine.shutdown()
     assert all(not p.is_alive() for p in engine.procs)
+
+
+def test_engine_raises_instead_of_hanging_when_the_scheduler_dies(caplog):
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    engine = sglx.Engine(max_total_tokens=4096)
+    try:
+        sched = next(p for p in engine.procs if p.name == "sglx::scheduler")
+        stream = engine.generate("Count to one thousand:", {"max_new_tokens": 2000, "temperature": 0,
+                                                              "ignore_eos": True}, stream=True)
+        next(stream)
+        os.kill(sched.pid, signal.SIGKILL)
+        t0 = time.time()
+        with pytest.raises(RuntimeError, match="died"):
+            for _ in stream:
+                pass
+        assert time.time() - t0 < 30
+    finally:
+        engine.shutdown()
+    assert all(not p.is_alive() for p in engine.procs)
+
+
+def test_engine_shutdown_is_not_reported_as_a_death(caplog):
+    import time
+
+    engine = sglx.Engine(max_total_tokens=4096)
+    engine.shutdown()
+    time.sleep(1.5)  # three watchdog periods
+    assert "died" not in caplog.text

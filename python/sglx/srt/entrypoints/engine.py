@@ -64,18 +64,20 @@ def launch_subprocesses(server_args: ServerArgs) -> Tuple[Any, Dict[str, Any], L
     return tm, info, procs
 
 
-def start_watchdog(procs: List[mp.Process], on_death) -> threading.Thread:
-    """A child that dies takes the whole server down with a clear log line, never a hang."""
+def start_watchdog(procs: List[mp.Process], on_death, stopped: Optional[threading.Event] = None) -> threading.Thread:
+    """A child that dies takes the whole server down with a clear log line, never a hang. Setting `stopped`
+    (a deliberate shutdown) ends the watch first."""
+    stopped = stopped or threading.Event()
 
     def watch() -> None:
-        while True:
+        while not stopped.is_set():
             for p in procs:
                 if not p.is_alive():
                     logger.error("%s died with exit code %s; shutting the server down", p.name, p.exitcode)
                     kill_processes(procs)
                     on_death()
                     return
-            time.sleep(0.5)
+            stopped.wait(0.5)
 
     t = threading.Thread(target=watch, name="sglx-watchdog", daemon=True)
     t.start()
@@ -96,11 +98,26 @@ class Engine:
         self.tokenizer_manager, self.scheduler_info, self.procs = launch_subprocesses(self.server_args)
         self.loop = asyncio.new_event_loop()
         self._dead = threading.Event()
-        start_watchdog(self.procs, self._dead.set)
+        self._stopped = threading.Event()
+        start_watchdog(self.procs, self._dead.set, self._stopped)
 
     def _check_alive(self) -> None:
         if self._dead.is_set():
             raise RuntimeError("an sglx engine process died; see the log")
+
+    def _run(self, coro):
+        """Run `coro` on the engine's loop, but raise instead of waiting forever if a process dies meanwhile."""
+
+        async def guarded():
+            task = asyncio.ensure_future(coro)
+            while not task.done():
+                await asyncio.wait([task], timeout=0.2)
+                if self._dead.is_set() and not task.done():
+                    task.cancel()
+                    raise RuntimeError("an sglx engine process died during the request; see the log")
+            return task.result()
+
+        return self.loop.run_until_complete(guarded())
 
     def generate(
         self,
@@ -124,7 +141,7 @@ class Engine:
             async for out in gen:
                 pass
 
-        self.loop.run_until_complete(drain())
+        self._run(drain())
         return out
 
     def encode(
@@ -137,23 +154,24 @@ class Engine:
         (all sent at once and batched by the scheduler). Bad input raises ValueError."""
         self._check_alive()
         obj = EmbeddingReqInput(text=prompt, input_ids=input_ids, truncate=truncate)
-        return self.loop.run_until_complete(self.tokenizer_manager.embedding_request(obj))
+        return self._run(self.tokenizer_manager.embedding_request(obj))
 
     def _iterate(self, gen) -> Iterator[Dict]:
         while True:
             try:
-                yield self.loop.run_until_complete(gen.__anext__())
+                yield self._run(gen.__anext__())
             except StopAsyncIteration:
                 return
 
     def flush_cache(self) -> bool:
-        return self.loop.run_until_complete(self.tokenizer_manager.flush_cache()).success
+        return self._run(self.tokenizer_manager.flush_cache()).success
 
     def get_server_info(self) -> Dict[str, Any]:
-        state = self.loop.run_until_complete(self.tokenizer_manager.get_internal_state())
+        state = self._run(self.tokenizer_manager.get_internal_state())
         return {**self.scheduler_info, "internal_state": state}
 
     def shutdown(self) -> None:
+        self._stopped.set()  # first, so the watchdog does not report the deliberate kill as a death
         kill_processes(self.procs)
 
     def __enter__(self) -> "Engine":

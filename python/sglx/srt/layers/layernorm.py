@@ -1,11 +1,46 @@
-"""RMSNorm with an optional fused residual add (the residual stream is returned updated)."""
+"""RMSNorm with an optional fused residual add (the residual stream is returned updated).
+
+On CUDA the work runs in one fused Triton kernel (layers/triton_ops/fused_elementwise.py); elsewhere, or with
+SGLX_DISABLE_FUSED_KERNELS=1, in the plain torch code below, which is also the reference the kernel is tested
+against. `fused_ops` is the one switch for all the layers that have such a kernel.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+from types import ModuleType
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "SGLX_DISABLE_FUSED_KERNELS"
+_fused_module: Optional[ModuleType] = None
+_fused_unavailable = False
+
+
+def fused_ops(t: torch.Tensor) -> Optional[ModuleType]:
+    """The fused-kernel module when `t` is a CUDA tensor, triton imports, and SGLX_DISABLE_FUSED_KERNELS is not
+    set to 1; otherwise None (use the torch path).
+
+    The import is lazy on purpose: importing the module decorates its kernels, which fixes for the whole process
+    whether Triton interprets them (TRITON_INTERPRET), and CPU runs should never import triton at all.
+    """
+    global _fused_module, _fused_unavailable
+    if not t.is_cuda or _fused_unavailable or os.environ.get(DISABLE_ENV, "0") == "1":
+        return None
+    if _fused_module is None:
+        try:
+            from sglx.srt.layers.triton_ops import fused_elementwise
+        except Exception as e:  # triton missing or broken: keep serving on the torch path
+            logger.warning("fused Triton elementwise kernels unavailable (%r); using the torch path", e)
+            _fused_unavailable = True
+            return None
+        _fused_module = fused_elementwise
+    return _fused_module
 
 
 class RMSNorm(nn.Module):
@@ -17,6 +52,11 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """With `residual`, returns (norm(x + residual), x + residual). On the fused path the sum is written
+        into `residual` in place and that same tensor is returned; on the torch path it is a new tensor."""
+        ops = fused_ops(x)
+        if ops is not None and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)):
+            return ops.rmsnorm(x, self.weight, self.variance_epsilon, residual)
         if residual is not None:
             x = x + residual
             residual = x

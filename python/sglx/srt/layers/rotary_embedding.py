@@ -1,4 +1,8 @@
-"""Rotary position embeddings with a precomputed cos/sin cache indexed by position."""
+"""Rotary position embeddings with a precomputed cos/sin cache indexed by position.
+
+On CUDA the rotation runs as one fused Triton kernel, in place (see layernorm.fused_ops for the switch); the
+torch code below is the CPU path and the reference.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
+
+from sglx.srt.layers.layernorm import fused_ops
 
 
 def rope_config(hf_config: Any) -> Tuple[float, Optional[Dict[str, Any]]]:
@@ -71,11 +77,20 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """q: [n, heads * head_size], k: [n, kv_heads * head_size]; returns rotated copies."""
-        cos, sin = self.cos_sin_cache[positions].to(q.dtype).chunk(2, dim=-1)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        """q: [n, heads * head_size], k: [n, kv_heads * head_size]; returns (q, k) rotated.
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        On the fused (CUDA) path q and k are rotated IN PLACE, in fp32 and rounded once, and the returned
+        tensors are q and k themselves (views such as column slices of a qkv tensor included); on the torch
+        path they are new tensors and q, k are left unchanged. Callers must use the returned tensors and not
+        rely on the inputs either way.
+        """
+        ops = fused_ops(q)
+        if ops is not None and k.dtype == q.dtype:
+            return ops.rotary_embedding_(positions, q, k, self.head_size, self.cos_sin_cache, self.is_neox_style)
+        cos, sin = self.cos_sin_cache[positions].to(q.dtype).chunk(2, dim=-1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         x = x.view(n, -1, self.head_size)
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]

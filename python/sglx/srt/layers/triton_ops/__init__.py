@@ -1,0 +1,1 @@
+"""Triton kernels shared by the model layers (importing a submodule imports triton)."""

@@ -273,7 +273,9 @@ def test_skip_decision():
     assert not decide_skip_kv_cache(mc, args(disable_radix_cache=False))  # cached prefixes need written KV
     assert not decide_skip_kv_cache(mc, args(chunked_prefill_size=256))  # later chunks read earlier KV
     assert decide_skip_kv_cache(mc, args(attention_backend="triton"))
-    assert not decide_skip_kv_cache(mc, args(attention_backend="flashinfer"))  # no raw-K/V path: cache path
+    assert decide_skip_kv_cache(mc, args(attention_backend="fa3")) and decide_skip_kv_cache(mc, args(attention_backend="flashinfer"))
+    assert not decide_skip_kv_cache(mc, args(attention_backend="some_backend"))  # no raw-K/V path: cache path
+    assert not decide_skip_kv_cache(mc, args(disable_embedding_skip_kv_cache=True))  # the A/B switch
     assert not decide_skip_kv_cache(SimpleNamespace(is_embedding=False), args())
 
 

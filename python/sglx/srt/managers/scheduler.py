@@ -125,6 +125,9 @@ class Scheduler:
             "disable_radix_cache": self.server_args.disable_radix_cache,
             "chunked_prefill_size": self.server_args.chunked_prefill_size,
             "skip_kv_cache": self.runner.skip_kv_cache,
+            "prefill_attention_backend": self.server_args.prefill_attention_backend,
+            "decode_attention_backend": self.server_args.decode_attention_backend,
+            "cuda_graph": self.runner.cuda_graph_runner is not None,
             **self.embedding_info(),
         }
 

@@ -19,7 +19,7 @@ from sglx.srt.mem_cache.memory_pool import KVCache, MHATokenToKVPool, NoOpKVPool
 from sglx.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from sglx.srt.model_executor.forward_batch import ForwardBatch, ModelWorkerBatch
 from sglx.srt.model_executor.model_loader import get_model
-from sglx.srt.server_args import ServerArgs
+from sglx.srt.server_args import ServerArgs, resolve_attention_backends
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, server_args: ServerArgs) -> None:
         self.model_config = model_config
         self.server_args = server_args
+        resolve_attention_backends(server_args)  # the per-GPU default, where no backend was named
         self.device = torch.device(server_args.device)
         self.page_size = server_args.page_size
         torch.manual_seed(server_args.random_seed)

@@ -35,7 +35,7 @@ def _decode_stage1(
     stride_pob, stride_poh, stride_pos, stride_lb, stride_lh,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_CAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    USE_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -70,9 +70,9 @@ def _decode_stage1(
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
         v = tl.load(V_pool + slot[:, None] * stride_pvt + kvh * stride_pvh + offs_dv[None, :],
                     mask=n_mask[:, None] & dv_mask[None, :], other=0.0)  # fmt: skip
-        s = _scores(q, k.to(q.dtype), sm_scale, logit_cap, USE_CAP)
+        s = _scores(q, k.to(q.dtype), sm_scale, logit_cap, USE_CAP, IEEE)
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v.to(q.dtype))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v.to(q.dtype), IEEE)
 
     # An empty split (short request, many splits) records lse = -inf, so stage 2 gives it weight 0.
     empty = s_end <= s_start
@@ -170,7 +170,7 @@ def decode_attention_fwd(
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, D=head_dim, DV=v_dim,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=_block_dim(head_dim), BLOCK_DV=_block_dim(v_dim),
-        BLOCK_N=cfg.block_n, USE_CAP=logit_cap > 0, USE_WINDOW=sliding_window > 0,
+        BLOCK_N=cfg.block_n, USE_CAP=logit_cap > 0, USE_WINDOW=sliding_window > 0, IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     _decode_stage2[(bs, n_heads)](

@@ -28,21 +28,30 @@ def tanh(x):
 
 
 @triton.jit
-def _scores(q, k, sm_scale, logit_cap, USE_CAP: tl.constexpr):
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs: tl.dot defaults to TF32 (10-bit mantissa); fp32 serving is the exact-parity mode, so it asks
+    # for IEEE products. bf16/fp16 inputs ignore the choice.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(q, k, sm_scale, logit_cap, USE_CAP: tl.constexpr, IEEE: tl.constexpr):
     """Scaled (and optionally soft-capped) logits in log2 units, so the softmax can use exp2."""
-    s = tl.dot(q, tl.trans(k)) * sm_scale
+    s = _dot(q, tl.trans(k), IEEE) * sm_scale
     if USE_CAP:
         s = logit_cap * tanh(s / logit_cap)
     return s * 1.4426950408889634
 
 
 @triton.jit
-def _online_softmax_step(acc, m_i, l_i, s, v):
+def _online_softmax_step(acc, m_i, l_i, s, v, IEEE: tl.constexpr):
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, m_new, l_i
 
 
@@ -55,7 +64,7 @@ def _extend_kernel(
     stride_pkt, stride_pkh, stride_pvt, stride_pvh, stride_ot, stride_oh,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, USE_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, EXT_FROM_POOL: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_CAP: tl.constexpr, USE_WINDOW: tl.constexpr, EXT_FROM_POOL: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -94,12 +103,12 @@ def _extend_kernel(
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
         v = tl.load(V_pool + slot[:, None] * stride_pvt + kvh * stride_pvh + offs_dv[None, :],
                     mask=n_mask[:, None] & dv_mask[None, :], other=0.0)  # fmt: skip
-        s = _scores(q, k.to(q.dtype), sm_scale, logit_cap, USE_CAP)
+        s = _scores(q, k.to(q.dtype), sm_scale, logit_cap, USE_CAP, IEEE)
         keep = n_mask[None, :] & m_mask[:, None]
         if USE_WINDOW:
             keep = keep & (offs_n[None, :] > (prefix_len + offs_m)[:, None] - window)
         s = tl.where(keep, s, float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v.to(q.dtype))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v.to(q.dtype), IEEE)
 
     # Part 2: the new tokens themselves; causally, keys past this block's last query are never needed.
     hi = ext_len
@@ -121,14 +130,14 @@ def _extend_kernel(
             v_ptr = V_ext + rows_k[:, None] * stride_vt + kvh * stride_vh + offs_dv[None, :]
         k = tl.load(k_ptr, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         v = tl.load(v_ptr, mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
-        s = _scores(q, k.to(q.dtype), sm_scale, logit_cap, USE_CAP)
+        s = _scores(q, k.to(q.dtype), sm_scale, logit_cap, USE_CAP, IEEE)
         keep = n_mask[None, :] & m_mask[:, None]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
         if USE_WINDOW:
             keep = keep & (offs_n[None, :] > offs_m[:, None] - window)
         s = tl.where(keep, s, float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v.to(q.dtype))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v.to(q.dtype), IEEE)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only; real rows always see at least themselves
     res = acc / l_i[:, None]
@@ -195,6 +204,7 @@ def extend_attention_fwd(
         GROUP=n_heads // kv_heads, D=head_dim, DV=v_dim,
         BLOCK_D=_block_dim(head_dim), BLOCK_DV=_block_dim(v_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, USE_CAP=logit_cap > 0, USE_WINDOW=sliding_window > 0, EXT_FROM_POOL=from_pool,
+        IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return o

@@ -1,0 +1,505 @@
+"""Embedding throughput with and without the KV cache (issue 5), through sglx.Engine, on one card.
+
+    python benchmark/bench_embedding.py --result-file emb.jsonl     # Qwen3-0.6B config, dummy bf16 weights
+
+512 inputs (lengths uniform in 500..7000, random ids, seed 0) are encoded in two modes, each in its own Engine:
+  skip   the default: KV cache skipped (NoOpKVPool, attention on the raw k/v of the batch);
+  cache  --disable-embedding-skip-kv-cache: the KV pool is reserved and written as usual.
+Both run with --is-embedding, the radix cache and chunked prefill off. Per mode: warm up, then time one
+`encode` of all inputs submitted at once (one message: the scheduler sees them all), and report items/s,
+input tokens/s and wall seconds; the two modes' embeddings must agree (cosine >= 0.999 on a subset).
+Then, per mode, a ModelRunner built directly with the same arguments finds the largest prefill (tokens of
+one forward, requests of ~4096 tokens) that runs without CUDA OOM: doubling, then bisecting to ~5%.
+
+What bounds a prefill batch in the scheduler (PrefillAdder), in both modes:
+  * tokens per batch: max(--max-prefill-tokens, min(context length, max_total_num_tokens - page size));
+    Qwen3-0.6B's context (40960) exceeds the default 16384, so by default both modes batch ~40960 tokens
+    (~10 inputs of this workload) and the timed runs differ only by the KV writes. Raise
+    --max-prefill-tokens to let the skip mode use the memory it saves;
+  * KV slots: page-rounded input + one page per request must fit in the free slots (embedding requests
+    reserve no decode tokens); --max-running-requests rows.
+  skip:  max_total_num_tokens is still profiled from free memory / KV bytes per token, but it is bookkeeping
+         only (0 bytes reserved): activations may use the whole card, so with a large --max-prefill-tokens
+         the bound is the slot count, or activation memory (a CUDA OOM in the scheduler) if that comes first.
+  cache: the pool holds mem_fraction_static of the free memory; activations get the rest, so the largest
+         batch is the one whose activations fit beside the pool.
+
+This file also holds the engine helpers bench_roofline.py imports (synthetic tokenizer, guarded calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from sglx.bench_one_batch import device_info, sync
+from sglx.srt.configs.model_config import ModelConfig
+from sglx.srt.server_args import ServerArgs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = ("skip", "cache")
+COSINE_GOAL = 0.999
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+# ------------------------------------------------------------------------------------- engine helpers
+def has_tokenizer(model_path: str) -> bool:
+    return model_path.lower().endswith(".gguf") or any(
+        os.path.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES)
+
+
+def synthetic_tokenizer(vocab_size: int) -> str:
+    """A word-level tokenizer with one token per model id ("<17>"), saved to a temp dir. The Engine loads a
+    tokenizer in three processes (ServerArgs.skip_tokenizer_init is not honoured yet) and the benchmark
+    configs ship config.json only; prompts are ids, and outputs only need to decode, so any tokenizer that
+    covers the vocabulary will do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tempfile.mkdtemp(prefix="sglx_bench_tok_")
+    atexit.register(shutil.rmtree, path, True)
+    tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    return path
+
+
+def resolve_tokenizer(model_path: str, tokenizer_path: Optional[str]) -> Optional[str]:
+    """The given tokenizer, the model's own, or a synthetic one covering the model's vocabulary."""
+    if tokenizer_path or has_tokenizer(model_path):
+        return tokenizer_path
+    return synthetic_tokenizer(ModelConfig.from_path(model_path).vocab_size)
+
+
+class EngineDied(RuntimeError):
+    pass
+
+
+class GuardedEngine:
+    """An sglx.Engine whose calls cannot hang: Engine.generate/encode wait forever if the scheduler dies
+    (a CUDA OOM, say), so a watcher thread stops the engine's event loop when a child process dies or a call
+    passes its timeout, and the call raises EngineDied instead."""
+
+    def __init__(self, server_args: ServerArgs, call_timeout_s: float = 0.0) -> None:
+        import sglx
+
+        self.server_args = server_args
+        self.call_timeout_s = call_timeout_s
+        self.engine = sglx.Engine(server_args=server_args)
+        self.failure: Optional[str] = None
+
+    def _dead_child(self) -> Optional[str]:
+        dead = [p for p in self.engine.procs if not p.is_alive()]
+        return f"{dead[0].name} died with exit code {dead[0].exitcode}" if dead else None
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.failure = self.failure or self._dead_child()
+        if self.failure:
+            raise EngineDied(self.failure)
+        done = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(done,), daemon=True)
+        watcher.start()
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            if self.failure:
+                raise EngineDied(self.failure) from e
+            raise
+        finally:
+            done.set()
+            watcher.join()
+
+    def _watch(self, done: threading.Event) -> None:
+        t0 = time.monotonic()
+        while not done.wait(0.5):
+            self.failure = self._dead_child()
+            if not self.failure and self.call_timeout_s and time.monotonic() - t0 > self.call_timeout_s:
+                self.failure = f"an engine call took more than {self.call_timeout_s:.0f} s"
+            if self.failure:
+                self.engine.loop.call_soon_threadsafe(self.engine.loop.stop)
+                return
+
+    def encode(self, input_ids: List[List[int]]) -> List[Dict[str, Any]]:
+        return self.call(self.engine.encode, input_ids=input_ids)
+
+    def generate(self, input_ids: List[List[int]], sampling_params: Dict[str, Any]) -> List[Dict[str, Any]]:
+        return self.call(self.engine.generate, input_ids=input_ids, sampling_params=sampling_params)
+
+    def server_info(self) -> Dict[str, Any]:
+        return self.call(self.engine.get_server_info)
+
+    def flush_cache(self) -> bool:
+        return self.call(self.engine.flush_cache)
+
+    def shutdown(self, memory_timeout_s: float = 60.0) -> None:
+        """Stop the children and wait until they are gone (their GPU memory with them), then drop this
+        process's end: the tokenizer manager's receive task, its event loop and its sockets."""
+        from sglx.srt.utils import kill_processes
+
+        eng = self.engine
+        free_before = _cuda_free_bytes()
+        # Engine.shutdown leaves its watchdog thread running, which then logs "<child> died with exit code
+        # -15" for children stopped on purpose: empty the list it watches (in place) and stop them here.
+        procs = list(eng.procs)
+        eng.procs.clear()
+        kill_processes(procs)
+        for p in procs:
+            p.join(30)
+        alive = [p.name for p in procs if p.is_alive()]
+        if alive:
+            raise RuntimeError(f"engine processes still alive after shutdown: {alive}")
+        tm = eng.tokenizer_manager
+        task = getattr(tm, "_loop_task", None)
+        with contextlib.suppress(Exception):
+            if task is not None and not eng.loop.is_closed():
+                task.cancel()
+                eng.loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+        with contextlib.suppress(Exception):
+            eng.loop.close()
+        for sock in (getattr(tm, "recv_from_detokenizer", None), getattr(tm, "send_to_scheduler", None)):
+            with contextlib.suppress(Exception):
+                sock.close(0)
+        _wait_cuda_memory_released(free_before, memory_timeout_s)
+
+
+def _cuda_free_bytes() -> Optional[int]:
+    # Only where this process already holds a CUDA context: querying would otherwise create one.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.mem_get_info()[0]
+    return None
+
+
+def _wait_cuda_memory_released(free_before: Optional[int], timeout_s: float) -> None:
+    """The driver frees a dead process's memory shortly after it exits; the next engine profiles free
+    memory at start-up, so wait until it has grown back."""
+    if free_before is None:
+        return
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        free, total = torch.cuda.mem_get_info()
+        if free - free_before > 0.5 * (total - free_before) or free > 0.9 * total:
+            return
+        time.sleep(0.5)
+    print(f"warning: GPU memory not released {timeout_s:.0f} s after the engine shut down", flush=True)
+
+
+def append_jsonl(path: Optional[str], rec: Dict[str, Any]) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def random_ids(gen: torch.Generator, vocab: int, lengths: Sequence[int]) -> List[List[int]]:
+    flat = torch.randint(0, vocab, (sum(lengths),), generator=gen)
+    return [chunk.tolist() for chunk in torch.split(flat, list(lengths))]
+
+
+# ------------------------------------------------------------------------------------- workload and modes
+def make_inputs(num: int, min_len: int, max_len: int, vocab: int, seed: int) -> List[List[int]]:
+    """`num` inputs, lengths uniform in [min_len, max_len], ids uniform in [0, vocab)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (num,), generator=gen).tolist()
+    return random_ids(gen, vocab, lengths)
+
+
+def mode_server_args(args: argparse.Namespace, mode: str) -> ServerArgs:
+    extra = {k: v for k, v in (("max_prefill_tokens", args.max_prefill_tokens),
+                               ("max_total_tokens", args.max_total_tokens),
+                               ("context_length", args.context_length),
+                               ("mem_fraction_static", args.mem_fraction_static)) if v is not None}
+    return ServerArgs(
+        model_path=args.model_path, tokenizer_path=args.tokenizer_path, load_format=args.load_format,
+        dtype=args.dtype, device=args.device, attention_backend=args.attention_backend, is_embedding=True,
+        disable_radix_cache=True, chunked_prefill_size=-1, disable_embedding_skip_kv_cache=(mode == "cache"),
+        random_seed=args.seed, log_level=args.log_level, **extra,
+    )
+
+
+def check_indices(num: int, count: int) -> List[int]:
+    """Up to `count` indices spread evenly over the inputs (both ends included)."""
+    if count <= 0 or num == 0:
+        return []
+    count = min(count, num)
+    return sorted({round(i * (num - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def encode_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]],
+                keep: List[int]) -> Dict[str, Any]:
+    """One Engine in `mode`: warm up, time one encode of every input; the kept embeddings go in "_kept"."""
+    sa = mode_server_args(args, mode)
+    rec: Dict[str, Any] = {"part": "encode", "mode": mode, "attention_backend": sa.attention_backend,
+                           "num_inputs": len(inputs), "input_tokens": sum(map(len, inputs))}
+    eng = GuardedEngine(sa, args.call_timeout)
+    info = eng.engine.scheduler_info
+    rec["attention_backend"] = info.get("prefill_attention_backend", sa.attention_backend)
+    try:
+        if args.warmup_inputs:
+            eng.encode(inputs[: args.warmup_inputs])
+        t0 = time.perf_counter()
+        outs = eng.encode(inputs)
+        wall = time.perf_counter() - t0
+        info = eng.server_info()
+    finally:
+        eng.shutdown()
+    if len(outs) != len(inputs) or any(o["meta_info"]["prompt_tokens"] != len(x) for o, x in zip(outs, inputs)):
+        raise RuntimeError("the engine returned a different number of embeddings or prompt tokens")
+    state = info["internal_state"]
+    rec.update(wall_s=wall, items_per_s=len(inputs) / wall, tokens_per_s=rec["input_tokens"] / wall,
+               skip_kv_cache=info["skip_kv_cache"], max_total_num_tokens=info["max_total_num_tokens"],
+               kv_pool_bytes=state["kv_pool_bytes"], kv_leak_free=state["kv_leak_free"],
+               max_prefill_tokens=sa.max_prefill_tokens, embedding_dim=len(outs[0]["embedding"]))
+    if (mode == "skip") != bool(info["skip_kv_cache"]):
+        rec["warning"] = f"mode {mode} but the engine reports skip_kv_cache={info['skip_kv_cache']}"
+    rec["_kept"] = torch.tensor([outs[i]["embedding"] for i in keep], dtype=torch.float32)
+    return rec
+
+
+def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).min())
+
+
+# ------------------------------------------------------------------------------------- largest batch
+@dataclass
+class SearchResult:
+    largest_ok: int  # the most tokens that ran (0: not even the smallest try)
+    first_fail: Optional[int]  # the fewest tokens that failed; None: every try up to the cap ran
+
+
+def search_largest(fits: Callable[[int], bool], start: int, cap: int, rel_tol: float = 0.05,
+                   min_step: int = 256) -> SearchResult:
+    """Largest n <= cap with fits(n): double from `start` until a failure (or the cap), then bisect until
+    the gap is within rel_tol of the good value (or min_step tokens)."""
+    lo, hi, n = 0, None, min(start, cap)
+    while True:
+        if fits(n):
+            lo = n
+            if n >= cap:
+                break
+            n = min(2 * n, cap)
+        else:
+            hi = n
+            break
+    while hi is not None and hi - lo > max(min_step, rel_tol * lo):
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return SearchResult(lo, hi)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+class PrefillTrial:
+    """fits(tokens): one embedding forward of `tokens` tokens (requests of req_len, the last shorter) on a
+    ModelRunner, with rows and KV slots taken from its pools as the scheduler would; False on CUDA OOM."""
+
+    def __init__(self, runner: Any, req_len: int, seed: int) -> None:
+        self.runner, self.req_len = runner, req_len
+        self.gen = torch.Generator().manual_seed(seed)
+        self.trials: List[Dict[str, Any]] = []
+
+    def lengths(self, tokens: int) -> List[int]:
+        full, rest = divmod(tokens, self.req_len)
+        return [self.req_len] * full + ([rest] if rest else [])
+
+    def _forward(self, tokens: int) -> float:
+        from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
+
+        r = self.runner
+        pool, alloc = r.req_to_token_pool, r.token_to_kv_pool_allocator
+        lens = self.lengths(tokens)
+        rows = [pool.alloc() for _ in lens]
+        if any(row is None for row in rows):
+            raise RuntimeError(f"ReqToTokenPool has fewer than {len(lens)} rows")
+        loc = alloc.alloc_extend([0] * len(lens), lens, [-1] * len(lens), tokens)
+        if loc is None:
+            raise RuntimeError(f"the allocator has fewer than {tokens} free KV slots")
+        off = 0
+        for row, n in zip(rows, lens):
+            pool.write(row, 0, loc[off: off + n])
+            off += n
+        ids = torch.randint(0, r.model_config.vocab_size, (tokens,), generator=self.gen).tolist()
+        batch = ModelWorkerBatch(ForwardMode.EXTEND, ids, rows, lens, [0] * len(lens), loc, is_embedding=True)
+        sync(r.device)
+        t0 = time.perf_counter()
+        out = r.forward_batch_embedding(batch)
+        sync(r.device)
+        if tuple(out.shape) != (len(lens), r.model_config.hidden_size):
+            raise RuntimeError(f"embedding batch of shape {tuple(out.shape)} for {len(lens)} requests")
+        return time.perf_counter() - t0
+
+    def __call__(self, tokens: int) -> bool:
+        cuda = self.runner.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.runner.device)
+        trial: Dict[str, Any] = {"tokens": tokens, "requests": len(self.lengths(tokens))}
+        try:
+            trial["forward_s"] = self._forward(tokens)
+            trial["ok"] = True
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            trial["ok"] = False
+        if cuda:
+            trial["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.runner.device)
+        # Outside the except block, so the failed forward's frames (and their tensors) are gone.
+        self.runner.req_to_token_pool.clear()
+        self.runner.token_to_kv_pool_allocator.clear()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        self.trials.append(trial)
+        print(f"  {tokens} tokens in {trial['requests']} requests: {'ok' if trial['ok'] else 'OOM'}", flush=True)
+        return trial["ok"]
+
+
+def largest_batch_mode(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
+    from sglx.srt.managers.scheduler import embedding_server_args
+    from sglx.srt.model_executor.model_runner import ModelRunner
+
+    sa = mode_server_args(args, mode)
+    cfg = ModelConfig.from_path(sa.model_path, dtype=sa.dtype, context_length=sa.context_length,
+                                is_embedding=True, device=sa.device)
+    sa = embedding_server_args(sa, cfg)  # the scheduler's effective arguments
+    runner = ModelRunner(cfg, sa)
+    try:
+        caps = {"kv_slots": runner.max_total_num_tokens - runner.page_size,
+                "rows": runner.max_running_requests * args.largest_batch_request_len}
+        if args.largest_batch_max_tokens:
+            caps["option"] = args.largest_batch_max_tokens
+        cap_by = min(caps, key=caps.get)
+        trial = PrefillTrial(runner, args.largest_batch_request_len, args.seed)
+        print(f"[{mode}] largest batch: KV pool {runner.token_to_kv_pool.mem_usage_bytes() / 2**30:.2f} GiB, "
+              f"{runner.max_total_num_tokens} slots; searching up to {caps[cap_by]} tokens", flush=True)
+        res = search_largest(trial, args.largest_batch_request_len, caps[cap_by], args.largest_batch_tol,
+                             min_step=max(1, args.largest_batch_request_len // 16))
+        return {"part": "largest_batch", "mode": mode, "skip_kv_cache": runner.skip_kv_cache,
+                "max_total_num_tokens": runner.max_total_num_tokens,
+                "kv_pool_bytes": runner.token_to_kv_pool.mem_usage_bytes(),
+                "request_len": args.largest_batch_request_len, "largest_ok_tokens": res.largest_ok,
+                "first_fail_tokens": res.first_fail, "bound": "oom" if res.first_fail else f"cap:{cap_by}",
+                "cap_tokens": caps[cap_by], "trials": trial.trials}
+    finally:
+        del runner
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------- report and main
+def print_table(records: List[Dict[str, Any]], cosine: Optional[float], checked: int) -> None:
+    enc = {r["mode"]: r for r in records if r["part"] == "encode" and "error" not in r}
+    big = {r["mode"]: r for r in records if r["part"] == "largest_batch" and "error" not in r}
+    head = f"{'mode':6} {'skip_kv':>7} {'items/s':>9} {'tok/s':>11} {'wall s':>8} {'KV pool GiB':>11} " \
+           f"{'KV slots':>10} {'largest prefill (bound)':>28}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for mode in dict.fromkeys([r["mode"] for r in records if r["part"] in ("encode", "largest_batch")]):
+        e, b = enc.get(mode, {}), big.get(mode, {})
+        src = e or b
+        fmt = (lambda k, f: format(e[k], f) if k in e else "-")
+        pool = f"{src['kv_pool_bytes'] / 2**30:.2f}" if "kv_pool_bytes" in src else "-"
+        largest = f"{b['largest_ok_tokens']} ({b['bound']})" if b else "-"
+        print(f"{mode:6} {str(src.get('skip_kv_cache', '-')):>7} {fmt('items_per_s', '.2f'):>9} "
+              f"{fmt('tokens_per_s', '.0f'):>11} {fmt('wall_s', '.2f'):>8} {pool:>11} "
+              f"{str(src.get('max_total_num_tokens', '-')):>10} {largest:>28}")
+    for r in records:
+        if "error" in r or "warning" in r:
+            print(f"{r['part']} {r['mode']}: {r.get('error') or r.get('warning')}")
+    if cosine is not None:
+        verdict = "OK" if cosine >= COSINE_GOAL else "MISMATCH"
+        print(f"embeddings skip vs cache: min cosine {cosine:.6f} over {checked} items ({verdict}, goal >= "
+              f"{COSINE_GOAL})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", default=os.path.join(HERE, "configs", "qwen3-0.6b"))
+    p.add_argument("--tokenizer-path", default=None, help="default: the model's, else a synthetic one")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--attention-backend", default=None, help="default: the server default")
+    p.add_argument("--num-inputs", type=int, default=512)
+    p.add_argument("--min-len", type=int, default=500)
+    p.add_argument("--max-len", type=int, default=7000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prefill-tokens", type=int, default=None, help="the scheduler's tokens per batch")
+    p.add_argument("--max-total-tokens", type=int, default=None)
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--mem-fraction-static", type=float, default=None)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--warmup-inputs", type=int, default=16, help="inputs encoded (untimed) before timing")
+    p.add_argument("--check-items", type=int, default=32, help="embeddings compared across modes")
+    p.add_argument("--skip-largest-batch", action="store_true")
+    p.add_argument("--largest-batch-request-len", type=int, default=4096)
+    p.add_argument("--largest-batch-max-tokens", type=int, default=None, help="cap of the search")
+    p.add_argument("--largest-batch-tol", type=float, default=0.05)
+    p.add_argument("--call-timeout", type=float, default=0.0, help="seconds per engine call (0: none)")
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--result-file", default=None, help="JSON lines, appended")
+    return p
+
+
+def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    if not 1 <= args.min_len <= args.max_len:
+        raise SystemExit("--min-len must be >= 1 and <= --max-len")
+    args.tokenizer_path = resolve_tokenizer(args.model_path, args.tokenizer_path)
+    vocab = ModelConfig.from_path(args.model_path).vocab_size
+    inputs = make_inputs(args.num_inputs, args.min_len, args.max_len, vocab, args.seed)
+    keep = check_indices(len(inputs), args.check_items)
+    common = {"model_path": args.model_path, "dtype": args.dtype, "seed": args.seed,
+              "min_len": args.min_len, "max_len": args.max_len, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              **device_info(torch.device(mode_server_args(args, args.modes[0]).device))}
+    records: List[Dict[str, Any]] = []
+    kept: Dict[str, torch.Tensor] = {}
+    parts = [("encode", m) for m in args.modes] + ([] if args.skip_largest_batch else
+                                                   [("largest_batch", m) for m in args.modes])
+    for part, mode in parts:  # every engine is gone before the in-process runners take the card
+        print(f"== {part} [{mode}]", flush=True)
+        try:
+            rec = encode_mode(args, mode, inputs, keep) if part == "encode" else largest_batch_mode(args, mode)
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            rec = {"part": part, "mode": mode, "error": f"{type(e).__name__}: {e}"}
+        if "_kept" in rec:
+            kept[mode] = rec.pop("_kept")
+        rec = {**common, **rec}
+        records.append(rec)
+        append_jsonl(args.result_file, rec)
+    cosine = min_cosine(kept["skip"], kept["cache"]) if len(kept) == 2 and keep else None
+    if cosine is not None:
+        rec = {**common, "part": "agreement", "mode": "skip_vs_cache", "min_cosine": cosine,
+               "checked_items": len(keep), "indices": keep, "ok": cosine >= COSINE_GOAL}
+        records.append(rec)
+        append_jsonl(args.result_file, rec)
+    print_table(records, cosine, len(keep))
+    return records
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    records = run(build_parser().parse_args(argv))
+    bad = any("error" in r for r in records) or any(r.get("ok") is False for r in records)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

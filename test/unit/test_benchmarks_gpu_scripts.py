@@ -1,0 +1,201 @@
+"""benchmark/bench_embedding.py and benchmark/bench_roofline.py end to end on CPU, at tiny sizes, so that their
+GPU run is not their first. References: the tiny configs' parameter counts, KV bytes and FLOPs by hand, the
+scripts' own recorded wall times (every derived number must follow from them), and for the largest-batch search
+a threshold the test itself sets (a fake OOM above it)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(REPO, "benchmark")
+sys.path.insert(0, BENCH)
+
+import bench_embedding as be  # noqa: E402
+
+H, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 64, 128, 4, 2, 16, 2, 512
+BASE = {"hidden_size": H, "intermediate_size": INTER, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True}
+QWEN3 = {**BASE, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": HEAD_DIM,
+         "rope_theta": 10000}
+LLAMA = {**BASE, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+BF16 = 2
+KV_BYTES = LAYERS * KV_HEADS * HEAD_DIM * 2 * BF16  # K and V of one token, all layers
+# Llama by hand: q,k,v + o + gate,up + down + two norms per layer, the final norm; lm_head = tied embedding.
+PER_LAYER = H * (H + 2 * KV_HEADS * HEAD_DIM) + H * H + H * 2 * INTER + INTER * H + 2 * H
+MATMUL_PARAMS = LAYERS * PER_LAYER + H + VOCAB * H
+
+
+def _config_dir(tmp_path_factory, name: str, cfg: dict) -> str:
+    d = tmp_path_factory.mktemp(name)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    return _config_dir(tmp_path_factory, "qwen3", QWEN3)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return _config_dir(tmp_path_factory, "llama", LLAMA)
+
+
+def _read(path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _no_engine_children() -> bool:
+    return not [p for p in mp.active_children() if p.name.startswith("sglx::")]
+
+
+# ------------------------------------------------------------------------------------------ bench_embedding
+@pytest.mark.parametrize("threshold", [1, 300, 1000, 4095, 4096, 4097, 100_000, 777_777])
+def test_search_largest_finds_the_threshold_within_tolerance(threshold):
+    calls = []
+
+    def fits(n: int) -> bool:
+        calls.append(n)
+        return n <= threshold
+
+    res = be.search_largest(fits, 4096, 1_000_000, rel_tol=0.05, min_step=256)
+    assert res.largest_ok <= threshold < res.first_fail
+    assert res.first_fail - res.largest_ok <= max(256, 0.05 * res.largest_ok)
+    assert len(calls) <= 30
+
+
+def test_search_largest_stops_at_the_cap():
+    calls = []
+    res = be.search_largest(lambda n: calls.append(n) or True, 64, 300)
+    assert (res.largest_ok, res.first_fail, calls) == (300, None, [64, 128, 256, 300])
+
+
+def test_check_indices():
+    assert be.check_indices(12, 6) == [0, 2, 4, 7, 9, 11]
+    assert be.check_indices(3, 10) == [0, 1, 2]
+    assert be.check_indices(5, 0) == []
+
+
+def test_largest_batch_recovers_from_oom_and_frees_the_pools(qwen3_dir, monkeypatch):
+    """A fake CUDA OOM above 1000 tokens: the search must land within 5% below it, and each try must start
+    from empty pools (the failed one's rows and slots given back)."""
+    from sglx.srt.model_executor.model_runner import ModelRunner
+
+    real = ModelRunner.forward_batch_embedding
+    seen = []
+
+    def fake(self, batch):
+        n = len(batch.input_ids)
+        seen.append(self.token_to_kv_pool_allocator.available_size() == self.max_total_num_tokens - n)
+        if n > 1000:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return real(self, batch)
+
+    monkeypatch.setattr(ModelRunner, "forward_batch_embedding", fake)
+    args = be.build_parser().parse_args(["--model-path", qwen3_dir, "--largest-batch-request-len", "64",
+                                         "--largest-batch-max-tokens", "5000", "--max-total-tokens", "8192"])
+    args.tokenizer_path = None
+    for mode, skip in (("skip", True), ("cache", False)):
+        seen.clear()
+        rec = be.largest_batch_mode(args, mode)
+        assert rec["skip_kv_cache"] is skip and rec["bound"] == "oom"
+        assert 0.95 * 1000 <= rec["largest_ok_tokens"] <= 1000 < rec["first_fail_tokens"]
+        assert [t["ok"] for t in rec["trials"]] == [t["tokens"] <= 1000 for t in rec["trials"]]
+        assert [t["tokens"] for t in rec["trials"]][:5] == [64, 128, 256, 512, 1024]
+        assert all(t["requests"] == -(-t["tokens"] // 64) for t in rec["trials"])
+        assert seen and all(seen)
+        assert rec["kv_pool_bytes"] == (0 if skip else (rec["max_total_num_tokens"] + 1) * KV_BYTES)
+
+
+def test_bench_embedding_end_to_end(qwen3_dir, tmp_path):
+    out = tmp_path / "emb.jsonl"
+    n, lo, hi = 10, 5, 60
+    rc = be.main(["--model-path", qwen3_dir, "--num-inputs", str(n), "--min-len", str(lo), "--max-len", str(hi),
+                  "--warmup-inputs", "2", "--check-items", "5", "--largest-batch-request-len", "64",
+                  "--largest-batch-max-tokens", "200", "--max-total-tokens", "4096", "--result-file", str(out)])
+    assert rc == 0
+    recs = _read(out)
+    assert [(r["part"], r["mode"]) for r in recs] == [
+        ("encode", "skip"), ("encode", "cache"), ("largest_batch", "skip"), ("largest_batch", "cache"),
+        ("agreement", "skip_vs_cache")]
+    enc = {r["mode"]: r for r in recs[:2]}
+    for mode, r in enc.items():
+        assert "error" not in r and "warning" not in r and r["dtype"] == "bfloat16"
+        assert r["num_inputs"] == n and n * lo <= r["input_tokens"] <= n * hi
+        assert r["items_per_s"] == pytest.approx(n / r["wall_s"])
+        assert r["tokens_per_s"] == pytest.approx(r["input_tokens"] / r["wall_s"])
+        assert r["max_total_num_tokens"] == 4096 and r["kv_leak_free"] and r["embedding_dim"] == H
+    assert enc["skip"]["input_tokens"] == enc["cache"]["input_tokens"]
+    assert enc["skip"]["skip_kv_cache"] is True and enc["skip"]["kv_pool_bytes"] == 0
+    assert enc["cache"]["skip_kv_cache"] is False and enc["cache"]["kv_pool_bytes"] == 4097 * KV_BYTES
+    for r in recs[2:4]:
+        assert (r["largest_ok_tokens"], r["first_fail_tokens"], r["bound"]) == (200, None, "cap:option")
+        assert [t["tokens"] for t in r["trials"]] == [64, 128, 200]
+    agree = recs[4]
+    assert agree["checked_items"] == 5 and agree["ok"] and agree["min_cosine"] >= 0.999
+    assert _no_engine_children()
+
+
+# ------------------------------------------------------------------------------------------ bench_roofline
+def test_bench_roofline_two_engines_in_turn(llama_dir, tmp_path):
+    """The CLI as the lead runs it, two backends (each its own Engine, shut down before the next)."""
+    out = tmp_path / "roof.jsonl"
+    il, ol, pb, pl = 16, 9, 2, 32
+    cmd = [sys.executable, os.path.join(BENCH, "bench_roofline.py"), "--model-path", llama_dir,
+           "--attention-backend", "torch_native", "torch_native", "--batch-sizes", "1", "3",
+           "--input-len", str(il), "--output-len", str(ol), "--warmup-output-len", "3",
+           "--prefill-batch", str(pb), "--prefill-input-len", str(pl), "--prefill-repeats", "2",
+           "--copy-bytes", "65536", "--matmul-size", "64", "--max-total-tokens", "2048", "--call-timeout", "120",
+           "--result-file", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "python")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "died with exit code" not in proc.stderr
+    recs = _read(out)
+    assert [(r["part"], r.get("batch_size")) for r in recs] == [("decode", 1), ("decode", 3), ("prefill", pb)] * 2
+    for r in recs:
+        assert "error" not in r and r["attention_backend"] == "torch_native" and r["device"] == "cpu"
+        assert r["weight_bytes_per_step"] == MATMUL_PARAMS * BF16 and r["kv_bytes_per_token"] == KV_BYTES
+    for r in (r for r in recs if r["part"] == "decode"):
+        bs = r["batch_size"]
+        assert r["t_1_s"] > 0 and r["t_out_s"] > r["t_1_s"]
+        assert r["step_s"] == pytest.approx((r["t_out_s"] - r["t_1_s"]) / (ol - 1))
+        floor = (MATMUL_PARAMS * BF16 + bs * (il + (ol - 1) // 2) * KV_BYTES) / r["copy_bandwidth_bytes_per_s"]
+        assert r["floor_s"] == pytest.approx(floor) and r["ratio"] == pytest.approx(r["step_s"] / floor)
+        assert r["goal_ratio"] == (1.15 if bs == 1 else None)
+    for r in (r for r in recs if r["part"] == "prefill"):
+        flops = pb * pl * 2 * MATMUL_PARAMS + pb * 2 * pl * pl * HEADS * HEAD_DIM * LAYERS
+        assert r["model_flops"] == flops and len(r["wall_all_s"]) == 2
+        assert r["share_of_matmul_rate"] == pytest.approx(flops / r["wall_s"] / r["matmul_flops_per_s"])
+    assert "decode bs=1" in proc.stdout and "prefill 2x32" in proc.stdout
+
+
+def test_bench_roofline_reports_a_dead_engine_instead_of_hanging(llama_dir, tmp_path, monkeypatch):
+    """A scheduler that dies mid-run (here: killed) must give an error record, not a hang."""
+    import bench_roofline as br
+
+    real = br.decode_case
+
+    def kill_then_run(eng, *a, **kw):
+        os.kill(eng.engine.procs[0].pid, 9)
+        return real(eng, *a, **kw)
+
+    monkeypatch.setattr(br, "decode_case", kill_then_run)
+    out = tmp_path / "roof.jsonl"
+    rc = br.main(["--model-path", llama_dir, "--batch-sizes", "1", "--input-len", "8", "--output-len", "3",
+                  "--skip-prefill", "--copy-bytes", "4096", "--matmul-size", "16", "--result-file", str(out)])
+    assert rc == 1
+    (rec,) = _read(out)
+    assert rec["part"] == "decode" and "died" in rec["error"]  # the Engine or its guard reports the death
+    # The default KV pool: 1.25 x the largest case's prompt + output + 2 tokens, here 1 x (8 + 3 + 2).
+    assert rec["max_total_tokens_arg"] == rec["max_total_num_tokens"] == int(1.25 * 13)
+    assert _no_engine_children()

@@ -21,7 +21,13 @@ import torch
 
 from sglx.srt.server_args import default_model_path
 
-NEAR_TIE = 0.25  # logit gap (bf16 rounds logits of ~20 to steps of 0.125)
+NEAR_TIE_ULPS = 2  # a near-tie: transformers' two logits within two bf16 steps at their magnitude
+
+
+def bf16_ulp(x: float) -> float:
+    import math
+
+    return 2.0 ** (math.floor(math.log2(max(abs(x), 1e-30))) - 7)
 
 
 def _gguf() -> str:
@@ -85,7 +91,7 @@ def sglx_greedy(prompts, **kw) -> List[List[int]]:
     from sglx import Engine
 
     ids, n = prompts
-    with Engine(model_path=GGUF, mem_fraction_static=0.3, cuda_graph_max_bs=16, **kw) as engine:
+    with Engine(model_path=GGUF, max_total_tokens=20000, cuda_graph_max_bs=16, **kw) as engine:
         outs = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": n, "temperature": 0})
     return [o["output_ids"] for o in outs]
 
@@ -99,26 +105,30 @@ def near_tie_divergence(model, prompt: List[int], want: List[int], got: List[int
         assert len(want) == len(got), f"lengths differ: {len(want)} vs {len(got)}"
         return ""
     logits = model(torch.tensor([prompt + want[:i]], device="cuda")).logits[0, -1].float()
-    gap = (logits[want[i]] - logits[got[i]]).item()
-    assert gap <= NEAR_TIE, f"diverged at step {i} without a near-tie: transformers {want[i]} vs sglx {got[i]}, gap {gap:.3f}"
-    return f"step {i}: transformers {want[i]} vs sglx {got[i]}, logit gap {gap:.3f}"
+    top, gap = logits[want[i]].item(), (logits[want[i]] - logits[got[i]]).item()
+    note = f"step {i}: transformers {want[i]} vs sglx {got[i]}, logit {top:.3f}, gap {gap:.3f}"
+    print(note)
+    assert gap <= NEAR_TIE_ULPS * bf16_ulp(top), f"diverged without a near-tie: {note}"
+    return note
 
 
 def test_triton_fp32_equals_transformers_graphs_on_and_off(prompts, reference):
     _, want = reference[torch.float32]
     on = sglx_greedy(prompts, attention_backend="triton", dtype="float32")
     off = sglx_greedy(prompts, attention_backend="triton", dtype="float32", disable_cuda_graph=True)
+    bad = [(k, w, g) for k, (w, g) in enumerate(zip(want, on)) if g != w]
+    print(f"[triton fp32] graphs on == off: {on == off}; prompts differing from transformers: {bad}")
     assert on == off, "CUDA graphs on and off disagree"
-    for k, (w, g) in enumerate(zip(want, on)):
-        assert g == w, f"prompt {k}: sglx {g} != transformers {w}"
+    assert not bad, f"sglx fp32 differs from transformers fp32: {bad}"
 
 
-@pytest.mark.parametrize("backend", ["flashinfer", "fa3", "triton"])
-def test_bf16_equals_transformers_up_to_near_ties(prompts, reference, backend):
+@pytest.mark.parametrize("backend,graphs_off_too", [("flashinfer", True), ("fa3", False), ("triton", False)])
+def test_bf16_equals_transformers_up_to_near_ties(prompts, reference, backend, graphs_off_too):
     model, want = reference[torch.bfloat16]
     on = sglx_greedy(prompts, attention_backend=backend, dtype="bfloat16")
-    off = sglx_greedy(prompts, attention_backend=backend, dtype="bfloat16", disable_cuda_graph=True)
-    assert on == off, "CUDA graphs on and off disagree"
+    if graphs_off_too:  # one bf16 backend also checks graphs on == off (triton does it in fp32 above)
+        off = sglx_greedy(prompts, attention_backend=backend, dtype="bfloat16", disable_cuda_graph=True)
+        assert on == off, "CUDA graphs on and off disagree"
     notes = [near_tie_divergence(model, p, w, g) for p, w, g in zip(prompts[0], want, on)]
     exact = sum(1 for x in notes if not x)
     print(f"[{backend} bf16] {exact}/{len(notes)} prompts token-for-token equal; near-tie divergences: "

@@ -28,7 +28,7 @@ for _ in range(900):
     except Exception: pass
     time.sleep(1)
 sys.exit(1)" || { echo "[$b] server did not start"; tail -5 "$out/server_$b.log"; kill $pid; continue; }
-  python -m sglx.bench_serving --backend sglx --port "$port" --dataset-name random --random-input-len "${ILEN:-1024}" \
+  python -m sglx.bench_serving --backend sglx --port "$port" --dataset-name random-ids --random-input-len "${ILEN:-1024}" \
     --random-output-len "${OLEN:-1024}" --random-range-ratio 1 --num-prompts "${NUM:-256}" --request-rate inf --tokenizer "$tok" \
     --output-file "$out/serving.jsonl" > "$out/bench_$b.log" 2>&1
   echo "== $b"; grep -E "Successful|Output token throughput|Median (TTFT|TPOT|ITL)" "$out/bench_$b.log"

@@ -104,3 +104,19 @@ def test_prefix_reuse_and_abort(tmp_path):
     finished = run_until_idle(s)
     assert finished["d"][0]["type"] == "abort" and finished["d"][1] < 1000
     assert s.internal_state()["kv_leak_free"]
+
+
+def test_prefill_batch_respects_max_prefill_tokens(tmp_path):
+    """Many long prompts: a prefill batch stays within --max-prefill-tokens (a longer prompt runs alone)."""
+    s = make_scheduler(tmp_path, max_prefill_tokens=256, max_total_tokens=8192)
+    submit(s, "long", list(range(1, 601)), 2)  # longer than the budget: admitted alone, not chunked
+    for i in range(5):
+        submit(s, f"r{i}", list(range(1 + i, 201 + i)), 2)
+    sizes = []
+    while not s.is_idle():
+        batch = s.get_next_batch_to_run()
+        if batch.forward_mode.is_extend():
+            sizes.append(sum(len(r.fill_ids) - len(r.prefix_indices) for r in batch.reqs))
+        s.run_batch(batch)
+        s.send_to_detokenizer.msgs.clear()
+    assert sizes[0] == 600 and all(n <= 256 for n in sizes[1:]), sizes

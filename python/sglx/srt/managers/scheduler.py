@@ -94,7 +94,10 @@ class Scheduler:
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache, server_args.random_seed)
         self.max_running_requests = self.runner.max_running_requests
         self.chunked_prefill_size = server_args.chunked_prefill_size if server_args.chunked_prefill_size > 0 else None
-        self.max_prefill_tokens = max(server_args.max_prefill_tokens, self.max_req_len)
+        # The token budget of one prefill batch. A request longer than it still runs when it is the batch's
+        # first (PrefillAdder admits that one alone); the budget must not grow to the context length, or a
+        # batch of many long prompts overruns activation memory (a 131k-token batch OOMed an 8B model on an H100).
+        self.max_prefill_tokens = server_args.max_prefill_tokens
 
         self.waiting_queue: List[Req] = []
         self.running_reqs: List[Req] = []

@@ -30,7 +30,6 @@ This file also holds the engine helpers bench_roofline.py imports (synthetic tok
 from __future__ import annotations
 
 import argparse
-import asyncio
 import atexit
 import contextlib
 import gc
@@ -64,7 +63,7 @@ def has_tokenizer(model_path: str) -> bool:
 
 def synthetic_tokenizer(vocab_size: int) -> str:
     """A word-level tokenizer with one token per model id ("<17>"), saved to a temp dir. The Engine loads a
-    tokenizer in three processes (ServerArgs.skip_tokenizer_init is not honoured yet) and the benchmark
+    tokenizer in three processes (--skip-tokenizer-init is refused: not supported yet) and the benchmark
     configs ship config.json only; prompts are ids, and outputs only need to decode, so any tokenizer that
     covers the vocabulary will do."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -90,9 +89,9 @@ class EngineDied(RuntimeError):
 
 
 class GuardedEngine:
-    """An sglx.Engine whose calls cannot hang: Engine.generate/encode wait forever if the scheduler dies
-    (a CUDA OOM, say), so a watcher thread stops the engine's event loop when a child process dies or a call
-    passes its timeout, and the call raises EngineDied instead."""
+    """An sglx.Engine whose calls cannot hang and fail one way: Engine itself raises when a child process dies
+    (a CUDA OOM, say); this adds a per-call timeout (a watcher thread stops the engine's event loop) and turns
+    either into EngineDied, which the benchmarks record as an error and move on."""
 
     def __init__(self, server_args: ServerArgs, call_timeout_s: float = 0.0) -> None:
         import sglx
@@ -146,30 +145,18 @@ class GuardedEngine:
         return self.call(self.engine.flush_cache)
 
     def shutdown(self, memory_timeout_s: float = 60.0) -> None:
-        """Stop the children and wait until they are gone (their GPU memory with them), then drop this
-        process's end: the tokenizer manager's receive task, its event loop and its sockets."""
-        from sglx.srt.utils import kill_processes
-
+        """Stop the engine and wait until its children are gone (their GPU memory with them), then close this
+        process's sockets."""
         eng = self.engine
         free_before = _cuda_free_bytes()
-        # Engine.shutdown leaves its watchdog thread running, which then logs "<child> died with exit code
-        # -15" for children stopped on purpose: empty the list it watches (in place) and stop them here.
         procs = list(eng.procs)
-        eng.procs.clear()
-        kill_processes(procs)
+        eng.shutdown()  # stops the watchdog first, kills the children, cancels the receive task, closes the loop
         for p in procs:
             p.join(30)
         alive = [p.name for p in procs if p.is_alive()]
         if alive:
             raise RuntimeError(f"engine processes still alive after shutdown: {alive}")
         tm = eng.tokenizer_manager
-        task = getattr(tm, "_loop_task", None)
-        with contextlib.suppress(Exception):
-            if task is not None and not eng.loop.is_closed():
-                task.cancel()
-                eng.loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
-        with contextlib.suppress(Exception):
-            eng.loop.close()
         for sock in (getattr(tm, "recv_from_detokenizer", None), getattr(tm, "send_to_scheduler", None)):
             with contextlib.suppress(Exception):
                 sock.close(0)

@@ -159,6 +159,10 @@ class ServerArgs:
             raise ValueError("--tp-size/--dp-size > 1 are not supported yet by this build of sglx")
         if self.speculative_algorithm is not None:
             raise ValueError("--speculative-algorithm is not supported yet by this build of sglx")
+        if self.skip_tokenizer_init:
+            # Accepted for SGLang's CLI shape, but every process still needs the tokenizer (stop strings, chat
+            # templates, detokenization): refuse rather than silently ignore the flag.
+            raise ValueError("--skip-tokenizer-init is not supported yet by this build of sglx")
 
     @property
     def url(self) -> str:

@@ -173,6 +173,15 @@ class Engine:
     def shutdown(self) -> None:
         self._stopped.set()  # first, so the watchdog does not report the deliberate kill as a death
         kill_processes(self.procs)
+        # The tokenizer manager's receive loop is still pending on the engine's loop: cancel it and close the
+        # loop, or asyncio reports "Task was destroyed but it is pending" at exit.
+        pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending and not self.loop.is_closed():
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if not self.loop.is_closed():
+            self.loop.close()
 
     def __enter__(self) -> "Engine":
         return self

@@ -78,7 +78,9 @@ class CudaGraphRunner:
         self.runner = runner
         self.device = runner.device
         self.backend = runner.attn_backend
-        self.batch_sizes = capture_batch_sizes(runner.server_args.cuda_graph_max_bs)
+        # No decode batch is larger than --max-running-requests: capturing beyond it would only cost memory.
+        max_bs = min(runner.server_args.cuda_graph_max_bs, runner.max_running_requests or 1 << 30)
+        self.batch_sizes = capture_batch_sizes(max_bs)
         self.max_bs = self.batch_sizes[-1]
         if graph_factory is None:
             pool = torch.cuda.graph_pool_handle()

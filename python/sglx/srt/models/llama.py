@@ -75,8 +75,9 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+            # Per-head views of the qkv slices (no copy); the norms return contiguous tensors.
+            q = self.q_norm(q.view(q.shape[0], -1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.view(k.shape[0], -1, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v.contiguous(), fb))
 

@@ -1,0 +1,43 @@
+"""ServerArgs: refused flags, and the per-GPU default attention backends (decision logic, hardware faked)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from sglx.srt import server_args as sa_mod
+from sglx.srt.server_args import ServerArgs, default_attention_backends, resolve_attention_backends
+
+
+@pytest.mark.parametrize("kw,flag", [({"tp_size": 2}, "--tp-size"), ({"speculative_algorithm": "EAGLE"}, "--speculative"),
+                                     ({"skip_tokenizer_init": True}, "--skip-tokenizer-init")])
+def test_unsupported_flags_are_refused_not_ignored(kw, flag):
+    with pytest.raises(ValueError, match=flag):
+        ServerArgs(device="cpu", **kw)
+
+
+def test_cpu_defaults_to_torch_native():
+    args = ServerArgs(device="cpu")
+    assert (args.prefill_attention_backend, args.decode_attention_backend) == ("torch_native", "torch_native")
+
+
+@pytest.mark.parametrize("major,has_flashinfer,want", [
+    (9, True, ("fa3", "triton")), (9, False, ("triton", "triton")), (8, True, ("triton", "triton")),
+    (10, True, ("triton", "triton")),
+])
+def test_gpu_default_by_capability_and_flashinfer(monkeypatch, major, has_flashinfer, want):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(sa_mod.importlib.util, "find_spec",
+                        lambda name, *a: (object() if has_flashinfer else None) if name == "flashinfer" else real(name, *a))
+    assert default_attention_backends("cuda") == want
+
+
+def test_resolution_keeps_what_the_user_named(monkeypatch):
+    monkeypatch.setattr(sa_mod, "default_attention_backends", lambda device: ("fa3", "triton"))
+    args = ServerArgs(device="cpu")
+    args.device, args.prefill_attention_backend, args.decode_attention_backend = "cuda", None, "flashinfer"
+    resolve_attention_backends(args)
+    assert (args.prefill_attention_backend, args.decode_attention_backend) == ("fa3", "flashinfer")

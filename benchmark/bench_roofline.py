@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_embedding import GuardedEngine, append_jsonl, random_ids, resolve_tokenizer  # noqa: E402
+from engine_utils import GuardedEngine, append_jsonl, random_ids, resolve_tokenizer  # noqa: E402
 
 from sglx import bench_one_batch as bob  # noqa: E402
 from sglx.srt.configs.model_config import ModelConfig  # noqa: E402

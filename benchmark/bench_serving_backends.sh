@@ -3,7 +3,7 @@
 # Llama-3.1-8B configuration with dummy bf16 weights. Results: one JSON line per backend in OUT_DIR/serving.jsonl.
 #   usage: benchmark/bench_serving_backends.sh OUT_DIR [BACKEND ...]     ("default" = no --attention-backend)
 # The config directory has no tokenizer: a word-level one with one token per id stands in (prompts are ids and
-# outputs only need to decode; see benchmark/bench_embedding.py:synthetic_tokenizer).
+# outputs only need to decode; see benchmark/engine_utils.py:synthetic_tokenizer).
 set -u
 out=${1:?usage: bench_serving_backends.sh OUT_DIR [BACKEND ...]}; shift
 backends=${*:-default triton flashinfer fa3}
@@ -11,7 +11,7 @@ model=${MODEL:-benchmark/configs/llama-3.1-8b}
 port=${PORT:-30123}
 tok=$(python -c "
 import shutil, sys; sys.path.insert(0, '.')
-from benchmark.bench_embedding import synthetic_tokenizer
+from benchmark.engine_utils import synthetic_tokenizer
 from sglx.srt.configs.model_config import ModelConfig
 p = synthetic_tokenizer(ModelConfig.from_path('$model').vocab_size)
 shutil.copytree(p, '/tmp/sglx_bench_tokenizer', dirs_exist_ok=True); print('/tmp/sglx_bench_tokenizer')")

@@ -8,22 +8,14 @@ it must write no KV slot but the batch's own and the reserved padding slot 0.
 
 from __future__ import annotations
 
-import os
+from sglx.test.triton_interpreter import use_triton_interpreter
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+use_triton_interpreter("sglx.srt.layers.attention.triton_ops.extend_attention", "_extend_kernel")
 
 import json  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("TRITON_INTERPRET was set to something else before this module", allow_module_level=True)
-_ops = sys.modules.get("sglx.srt.layers.attention.triton_ops.extend_attention")
-if _ops is not None and not type(_ops._extend_kernel).__name__.startswith("Interpreted"):
-    pytest.skip("sglx's Triton kernels were compiled for the GPU earlier in this process", allow_module_level=True)
 
 from sglx.srt.configs.model_config import ModelConfig  # noqa: E402
 from sglx.srt.model_executor.cuda_graph_runner import CudaGraphRunner, EagerGraph, capture_batch_sizes  # noqa: E402

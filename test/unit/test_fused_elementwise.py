@@ -8,21 +8,12 @@ formulas written out here.
 
 from __future__ import annotations
 
-import os
+from sglx.test.triton_interpreter import use_triton_interpreter
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import sys  # noqa: E402
+triton = use_triton_interpreter("sglx.srt.layers.triton_ops.fused_elementwise", "_rmsnorm_kernel")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-triton = pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("TRITON_INTERPRET was set to something else before this module", allow_module_level=True)
-_mod = sys.modules.get("sglx.srt.layers.triton_ops.fused_elementwise")
-if _mod is not None and not type(_mod._rmsnorm_kernel).__name__.startswith("Interpreted"):
-    pytest.skip("sglx's fused kernels were compiled for the GPU earlier in this process", allow_module_level=True)
 
 from sglx.srt.layers import layernorm  # noqa: E402
 from sglx.srt.layers.activation import GeluAndMul, SiluAndMul  # noqa: E402

@@ -8,25 +8,17 @@ so the fused KV store is checked too (the pools must end up equal).
 
 from __future__ import annotations
 
-import os
+from sglx.test.triton_interpreter import use_triton_interpreter
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = use_triton_interpreter("sglx.srt.layers.attention.triton_ops.extend_attention", "_extend_kernel")
 
 import copy  # noqa: E402
-import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 from typing import List, Optional, Sequence, Tuple  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-triton = pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("TRITON_INTERPRET was set to something else before this module", allow_module_level=True)
-_ops = sys.modules.get("sglx.srt.layers.attention.triton_ops.extend_attention")
-if _ops is not None and not type(_ops._extend_kernel).__name__.startswith("Interpreted"):
-    pytest.skip("sglx's Triton kernels were compiled for the GPU earlier in this process", allow_module_level=True)
 
 from sglx.srt.layers.attention.registry import create_attention_backend  # noqa: E402
 from sglx.srt.layers.attention.triton_backend import build_kv_indices  # noqa: E402

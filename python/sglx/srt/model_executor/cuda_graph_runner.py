@@ -85,9 +85,6 @@ class CudaGraphRunner:
         if graph_factory is None:
             pool = torch.cuda.graph_pool_handle()
             graph_factory = lambda: TorchCudaGraph(pool)  # noqa: E731
-            self.uses_cuda = True
-        else:
-            self.uses_cuda = False
         self.graph_factory = graph_factory
         cfg = runner.model_config
         # Static inputs: rows of one int64 tensor, so a step's host-side inputs go over in one copy.
@@ -127,7 +124,7 @@ class CudaGraphRunner:
             run = self._make_run(bs, fb)
             for _ in range(2):  # compiles/autotunes kernels before capture, outside it
                 run()
-            if self.uses_cuda:
+            if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             graph = self.graph_factory()
             graph.capture(run)

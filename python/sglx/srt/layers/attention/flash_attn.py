@@ -7,8 +7,8 @@ this module is the only place sglx touches its wrappers. Three planned operation
     cached prefix, and the skip-KV embedding path, where the keys' lengths are the queries').
   * `PagedAttention`   ~ flash_attn_with_kvcache: new queries against the paged KV pool (prefill on top of a
     cached prefix, causal with queries aligned to the end of each sequence).
-  * `PagedDecode`      ~ flash_attn_with_kvcache with one query per sequence: decode, optionally with
-    CUDA-graph buffers (one instance per captured batch size).
+  * `PagedDecode`      ~ flash_attn_with_kvcache with one query per sequence: decode (FA2-family kernels),
+    optionally with CUDA-graph buffers (one instance per captured batch size).
 
 Planning copies the (host) index pointers and schedules work; it happens once per batch (`plan`), and every
 layer then only launches the kernel (`run`). Index pointers are passed as CPU tensors: planning on device
@@ -90,16 +90,18 @@ class PagedAttention:
 
 
 class PagedDecode:
-    """One query per sequence. With `graph_buffers` (indptr [bs+1], indices, last_page_len [bs]) the wrapper
-    is fixed to that batch size and keeps its metadata at those addresses, as a captured CUDA graph needs."""
+    """One query per sequence, on flashinfer's FA2-family decode kernels (its FA3 path at one query per sequence
+    measured 2-3.7x slower at batch 64-256; docs/backends.md). With `graph_buffers` (indptr [bs+1], indices,
+    last_page_len [bs]) the wrapper is fixed to that batch size and keeps its metadata at those addresses, as a
+    captured CUDA graph needs."""
 
     def __init__(
-        self, device: torch.device, kernel: str, use_tensor_cores: bool,
+        self, device: torch.device, use_tensor_cores: bool,
         graph_buffers: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     ) -> None:  # fmt: skip
         import flashinfer
 
-        kwargs = dict(use_tensor_cores=use_tensor_cores or kernel == "fa3", backend=kernel if kernel == "fa3" else "auto")
+        kwargs = dict(use_tensor_cores=use_tensor_cores)
         if graph_buffers is not None:
             indptr, indices, last = graph_buffers
             kwargs.update(use_cuda_graph=True, paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices,

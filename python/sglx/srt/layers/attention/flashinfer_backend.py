@@ -31,9 +31,6 @@ if TYPE_CHECKING:
     from sglx.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 
-DECODE_KERNEL = "fa2"  # for both backends; see the module docstring
-
-
 @dataclass(frozen=True)
 class _Shape:
     """What a plan needs from the layers: one shape for the whole model (checked on every layer)."""
@@ -54,6 +51,11 @@ class _Shape:
             )
         return _Shape(layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim,
                       layer.scaling, layer.is_causal)
+
+    @property
+    def decode_tensor_cores(self) -> bool:
+        # Decode: tensor cores pay off from a GQA group of 4 up.
+        return self.num_heads // self.num_kv_heads >= 4
 
 
 @dataclass
@@ -84,7 +86,6 @@ class FlashInferAttnBackend(AttentionBackend):
         from sglx.srt.layers.attention import flash_attn
 
         self.fa = flash_attn
-        self.kernel = kernel
         self.runner = runner
         self.device = torch.device(runner.device)
         flash_attn.check_kernel_family(kernel, self.device)
@@ -119,10 +120,9 @@ class FlashInferAttnBackend(AttentionBackend):
         return indptr, indices[:total], (lens - 1) % ps + 1
 
     def _decode_op(self, shape: _Shape) -> Any:
-        # Decode: tensor cores pay off from a GQA group of 4 up.
-        tc = shape.num_heads // shape.num_kv_heads >= 4
+        tc = shape.decode_tensor_cores
         if tc not in self.decode_ops:
-            self.decode_ops[tc] = self.fa.PagedDecode(self.device, DECODE_KERNEL, tc)
+            self.decode_ops[tc] = self.fa.PagedDecode(self.device, tc)
         return self.decode_ops[tc]
 
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
@@ -205,9 +205,8 @@ class FlashInferAttnBackend(AttentionBackend):
                            seq_lens_cpu: List[int]) -> None:  # fmt: skip
         if bs not in self._graph_decodes:
             indptr, indices, last = self._graph_bufs
-            tc = self.shape.num_heads // self.shape.num_kv_heads >= 4
             self._graph_decodes[bs] = self.fa.PagedDecode(
-                self.device, DECODE_KERNEL, tc, (indptr[: bs + 1], indices, last[:bs])
+                self.device, self.shape.decode_tensor_cores, (indptr[: bs + 1], indices, last[:bs])
             )
         r = self.runner
         table = self._page_table(r.page_size, r.req_to_token_pool.req_to_token, req_pool_indices, seq_lens,

@@ -135,7 +135,7 @@ def default_max_total_tokens(args: argparse.Namespace) -> int:
     return int(1.25 * max(decode, prefill, 1))
 
 
-def engine_args(args: argparse.Namespace, backend: Optional[str]) -> ServerArgs:
+def engine_args(args: argparse.Namespace, backend: Optional[str], schedule: str = "overlap") -> ServerArgs:
     total = default_max_total_tokens(args) if args.max_total_tokens is None else args.max_total_tokens or None
     extra = {k: v for k, v in (("max_total_tokens", total), ("context_length", args.context_length),
                                ("max_prefill_tokens", args.max_prefill_tokens),
@@ -143,7 +143,7 @@ def engine_args(args: argparse.Namespace, backend: Optional[str]) -> ServerArgs:
     return ServerArgs(model_path=args.model_path, tokenizer_path=args.tokenizer_path, load_format=args.load_format,
                       dtype=args.dtype, device=args.device, attention_backend=backend,
                       disable_cuda_graph=args.disable_cuda_graph, random_seed=args.seed, log_level=args.log_level,
-                      **extra)
+                      disable_overlap_schedule=schedule == "sync", **extra)
 
 
 def backend_label(info: Dict[str, Any]) -> str:
@@ -153,11 +153,12 @@ def backend_label(info: Dict[str, Any]) -> str:
 
 
 def run_backend(args: argparse.Namespace, backend: Optional[str], cfg: ModelConfig, size: bob.ModelSize,
-                probe: Dict[str, Any], common: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Every case of one backend in one Engine; a failing case is recorded and the others still run."""
-    sa = engine_args(args, backend)
+                probe: Dict[str, Any], common: Dict[str, Any], schedule: str = "overlap") -> List[Dict[str, Any]]:
+    """Every case of one backend (and scheduler mode) in one Engine; a failing case is recorded and the others
+    still run."""
+    sa = engine_args(args, backend, schedule)
     base = {**common, "attention_backend": sa.attention_backend, "cuda_graph": not sa.disable_cuda_graph,
-            "max_total_tokens_arg": sa.max_total_tokens}
+            "schedule": schedule, "max_total_tokens_arg": sa.max_total_tokens}
     cases: List[Any] = [] if args.skip_decode else list(args.batch_sizes)
     cases += [] if args.skip_prefill else ["prefill"]
     try:
@@ -192,7 +193,7 @@ def run_backend(args: argparse.Namespace, backend: Optional[str], cfg: ModelConf
 
 
 def print_record(r: Dict[str, Any]) -> None:
-    head = f"[{r['attention_backend']}] {r['part']}"
+    head = f"[{r['attention_backend']}/{r.get('schedule', 'overlap')}] {r['part']}"
     if "error" in r:
         print(f"{head} bs={r.get('batch_size', '-')}: ERROR {r['error']}", flush=True)
     elif r["part"] == "decode":
@@ -208,18 +209,18 @@ def print_record(r: Dict[str, Any]) -> None:
 def print_table(records: List[Dict[str, Any]], probe: Dict[str, Any]) -> None:
     print(f"\ncopy bandwidth {probe['copy_bandwidth_bytes_per_s'] / 1e9:.4g} GB/s, "
           f"matmul {probe['matmul_flops_per_s'] / 1e12:.4g} TFLOP/s")
-    head = f"{'backend':14} {'case':>14} {'step/wall ms':>13} {'floor ms':>9} {'ratio':>7} {'goal':>6} {'met':>4}"
+    head = f"{'backend/sched':22} {'case':>14} {'step/wall ms':>13} {'floor ms':>9} {'ratio':>7} {'goal':>6} {'met':>4}"
     print(head + "\n" + "-" * len(head))
     for r in records:
-        be = r["attention_backend"]
+        be = f"{r['attention_backend']}/{r.get('schedule', 'overlap')}"
         if "error" in r:
-            print(f"{be:14} {r['part'] + ' ' + str(r.get('batch_size', '')):>14} ERROR: {r['error']}")
+            print(f"{be:22} {r['part'] + ' ' + str(r.get('batch_size', '')):>14} ERROR: {r['error']}")
         elif r["part"] == "decode":
-            print(f"{be:14} {'decode bs=' + str(r['batch_size']):>14} {r['step_s'] * 1e3:>13.2f} "
+            print(f"{be:22} {'decode bs=' + str(r['batch_size']):>14} {r['step_s'] * 1e3:>13.2f} "
                   f"{r['floor_s'] * 1e3:>9.2f} {r['ratio']:>7.2f} {str(r['goal_ratio'] or '-'):>6} "
                   f"{'-' if r['meets_goal'] is None else 'yes' if r['meets_goal'] else 'no':>4}")
         else:
-            print(f"{be:14} {'prefill ' + str(r['batch_size']) + 'x' + str(r['input_len']):>14} "
+            print(f"{be:22} {'prefill ' + str(r['batch_size']) + 'x' + str(r['input_len']):>14} "
                   f"{r['wall_s'] * 1e3:>13.1f} {'':>9} {r['share_of_matmul_rate']:>7.1%} {PREFILL_GOAL:>6.0%} "
                   f"{'yes' if r['meets_goal'] else 'no':>4}")
 
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", nargs="+", default=[None],
                    help="one Engine per backend, in turn (default: the server default)")
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--schedule", nargs="+", choices=["overlap", "sync"], default=["overlap"],
+                   help="scheduler modes, one Engine each: overlap (the default) or sync (--disable-overlap-schedule)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=257)
@@ -280,7 +283,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
           f"KV {size.kv_bytes_per_token} B/token", flush=True)
     records: List[Dict[str, Any]] = []
     for backend in args.attention_backend:
-        records += run_backend(args, backend, cfg, size, probe, common)
+        for schedule in args.schedule:
+            records += run_backend(args, backend, cfg, size, probe, common, schedule)
     print_table(records, probe)
     return records
 

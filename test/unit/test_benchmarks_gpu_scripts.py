@@ -147,11 +147,11 @@ def test_bench_embedding_end_to_end(qwen3_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------ bench_roofline
 def test_bench_roofline_two_engines_in_turn(llama_dir, tmp_path):
-    """The CLI as the lead runs it, two backends (each its own Engine, shut down before the next)."""
+    """The CLI as the lead runs it, both scheduler modes (each its own Engine, shut down before the next)."""
     out = tmp_path / "roof.jsonl"
     il, ol, pb, pl = 16, 9, 2, 32
     cmd = [sys.executable, os.path.join(BENCH, "bench_roofline.py"), "--model-path", llama_dir,
-           "--attention-backend", "torch_native", "torch_native", "--batch-sizes", "1", "3",
+           "--attention-backend", "torch_native", "--schedule", "overlap", "sync", "--batch-sizes", "1", "3",
            "--input-len", str(il), "--output-len", str(ol), "--warmup-output-len", "3",
            "--prefill-batch", str(pb), "--prefill-input-len", str(pl), "--prefill-repeats", "2",
            "--copy-bytes", "65536", "--matmul-size", "64", "--max-total-tokens", "2048", "--call-timeout", "120",
@@ -162,6 +162,7 @@ def test_bench_roofline_two_engines_in_turn(llama_dir, tmp_path):
     assert "died with exit code" not in proc.stderr
     recs = _read(out)
     assert [(r["part"], r.get("batch_size")) for r in recs] == [("decode", 1), ("decode", 3), ("prefill", pb)] * 2
+    assert [r["schedule"] for r in recs] == ["overlap"] * 3 + ["sync"] * 3
     for r in recs:
         assert "error" not in r and r["attention_backend"] == "torch_native" and r["device"] == "cpu"
         assert r["weight_bytes_per_step"] == MATMUL_PARAMS * BF16 and r["kv_bytes_per_token"] == KV_BYTES

@@ -12,6 +12,7 @@ from sglx.test.triton_interpreter import use_triton_interpreter
 
 use_triton_interpreter("sglx.srt.layers.attention.triton_ops.extend_attention", "_extend_kernel")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 import pytest  # noqa: E402
@@ -65,6 +66,13 @@ def test_replay_matches_eager_and_padding_writes_only_slot_zero(tmp_path, page_s
         for layer, (b0, b1) in enumerate(zip(snap, pool.k_buffer)):
             changed = set((b0 != b1).flatten(1).any(1).nonzero().flatten().tolist())
             assert changed <= written | {0}, f"replay wrote a live slot outside the batch (layer {layer})"
+        # The scheduler leaves a decode step's input ids to the device (input_ids None): the runner reads each
+        # row's newest token from last_token_ids, in the graph and eagerly. Rewriting the same KV is idempotent.
+        runner.last_token_ids.zero_()
+        runner.last_token_ids[torch.tensor(batch.req_pool_indices)] = torch.tensor(batch.input_ids)
+        on_device = dataclasses.replace(batch, input_ids=None)
+        torch.testing.assert_close(graphs.replay(on_device).next_token_logits, want_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(runner.forward(on_device).next_token_logits, want_logits, rtol=0, atol=0)
         for i, t in zip(which, got.next_token_logits.argmax(-1).tolist()):
             reqs.last_tokens[i] = t
     assert runner.cuda_graph_runner is None  # CPU: the runner itself never builds one

@@ -38,6 +38,7 @@ from sglx.srt.model_executor import model_runner as model_runner_module
 from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
 from sglx.srt.model_executor.model_runner import ModelRunner, decide_skip_kv_cache
 from sglx.srt.server_args import ServerArgs, default_model_path
+from sglx.test.scheduler_utils import TINY_LLAMA, make_scheduler
 
 SENTENCES = [
     "A man is eating food.",
@@ -315,29 +316,10 @@ def test_torch_native_raw_kv_matches_sdpa_and_cache_path(causal, window):
 
 
 # ----------------------------------------------------------------------------- the scheduler's embedding path
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 49152,
-    "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-}
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.msgs = []
-
-    def send_pyobj(self, o) -> None:
-        self.msgs.append(o)
-
-
 def tiny_scheduler(tmp_path, **kw) -> Scheduler:
-    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
     # Any fast tokenizer will do (the scheduler only reads its special tokens); the GGUF one is slow to load.
-    sa = ServerArgs(model_path=str(tmp_path), tokenizer_path=minilm_path(), load_format="dummy",
-                    device="cpu", is_embedding=True, max_running_requests=16, **kw)
-    s = Scheduler(sa, None)
-    s.send_to_detokenizer = s.send_to_tokenizer = Sink()
-    return s
+    return make_scheduler(tmp_path, {**TINY_LLAMA, "max_position_embeddings": 1024}, tokenizer_path=minilm_path(),
+                          is_embedding=True, max_running_requests=16, **kw)
 
 
 def run_all(s: Scheduler, reqs) -> dict:

@@ -15,6 +15,7 @@ from sglx.srt.layers.sampler import (
     apply_logits_processing,
     seeded_exponential,
     seeded_uniform_bits,
+    top_logprobs_to_lists,
 )
 from sglx.srt.sampling.sampling_batch_info import SamplingBatchInfo
 from sglx.srt.sampling.sampling_params import TOP_K_ALL, SamplingParams
@@ -299,11 +300,13 @@ def test_logprobs_and_top_logprobs_are_raw_log_softmax():
     torch.testing.assert_close(
         out.next_token_logprobs.double(), ref.gather(1, out.next_token_ids.view(-1, 1)).squeeze(1), atol=1e-5, rtol=0
     )
-    assert out.top_logprobs_val[0] == [] and out.top_logprobs_idx[0] == []
+    top_val, top_idx = top_logprobs_to_lists(
+        out.top_logprobs_val.tolist(), out.top_logprobs_idx.tolist(), [0, 3, 5])
+    assert top_val[0] == [] and top_idx[0] == []
     for i, k in [(1, 3), (2, 5)]:
         vals, idx = torch.topk(ref[i], k)
-        assert out.top_logprobs_idx[i] == idx.tolist()
-        assert out.top_logprobs_val[i] == pytest.approx(vals.tolist(), abs=1e-5)
+        assert top_idx[i] == idx.tolist()
+        assert top_val[i] == pytest.approx(vals.tolist(), abs=1e-5)
     plain = Sampler()(logits, info_for(reqs, vocab))
     assert plain.next_token_logprobs is None and plain.top_logprobs_val is None
 

@@ -2,66 +2,18 @@
 
 200 mixed requests (shared prefixes, long prompts, chunked prefill) against a 1536-token pool: every request
 finishes with exactly its max_new_tokens, requests get retracted and resumed, and once idle every KV slot is
-free or held by the prefix cache.
+free or held by the prefix cache. The overlap schedule (the default, driven through Scheduler.step) gives the
+synchronous schedule's tokens.
 """
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 
-from sglx.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
-from sglx.srt.managers.scheduler import Scheduler
-from sglx.srt.sampling.sampling_params import SamplingParams
-from sglx.srt.server_args import ServerArgs, default_model_path
-
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 49152,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-}
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.msgs = []
-
-    def send_pyobj(self, o) -> None:
-        self.msgs.append(o)
-
-
-def make_scheduler(tmp_path, **kw) -> Scheduler:
-    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
-    sa = ServerArgs(model_path=str(tmp_path), tokenizer_path=default_model_path(), load_format="dummy",
-                    device="cpu", **kw)
-    s = Scheduler(sa, None)
-    s.send_to_detokenizer = s.send_to_tokenizer = Sink()
-    return s
-
-
-def submit(s: Scheduler, rid: str, ids, max_new: int) -> None:
-    sp = SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True)
-    sp.verify()
-    sp.normalize()
-    s.process_input(TokenizedGenerateReqInput(rid, None, ids, sp))
-
-
-def run_until_idle(s: Scheduler, max_steps: int = 20000):
-    finished = {}
-    for _ in range(max_steps):
-        if s.is_idle():
-            return finished
-        batch = s.get_next_batch_to_run()
-        assert batch is not None, f"scheduler stuck: {s.internal_state()}"
-        s.run_batch(batch)
-        for m in s.send_to_detokenizer.msgs:
-            for rid, fr, n in zip(m.rids, m.finished_reasons, m.completion_tokens):
-                if fr is not None:
-                    finished[rid] = (fr, n)
-        s.send_to_detokenizer.msgs.clear()
-    raise AssertionError("did not finish")
+from sglx.srt.managers.io_struct import AbortReq
+from sglx.test.scheduler_utils import make_scheduler, run_both_schedules, run_until_idle, submit
 
 
 @pytest.mark.parametrize("page_size,radix,chunk", [(1, True, 256), (16, True, 256), (4, False, 128), (1, True, -1)])
@@ -120,3 +72,17 @@ def test_prefill_batch_respects_max_prefill_tokens(tmp_path):
         s.run_batch(batch)
         s.send_to_detokenizer.msgs.clear()
     assert sizes[0] == 600 and all(n <= 256 for n in sizes[1:]), sizes
+
+
+def test_overlap_schedule_matches_the_synchronous_one(tmp_path):
+    """The same requests give the same tokens with and without the overlap schedule (greedy and seeded rows;
+    the unseeded sampled rows depend on the batch's random draws), nothing is streamed twice, no KV leaks."""
+    results = run_both_schedules(lambda **kw: make_scheduler(tmp_path, max_total_tokens=4096, page_size=4,
+                                                              max_running_requests=16, **kw))
+    (fin_sync, out_sync, deterministic, _), (fin_ovl, out_ovl, _, s) = results[False], results[True]
+    assert s.enable_overlap and len(deterministic) > 20
+    for finished, sched in ((fin_sync, results[False][3]), (fin_ovl, s)):
+        assert len(finished) == 40 and sched.internal_state()["kv_leak_free"]
+    for rid in sorted(deterministic):
+        assert fin_ovl[rid] == fin_sync[rid], rid
+        assert out_ovl[rid] == out_sync[rid], rid

@@ -96,6 +96,8 @@ class ServerArgs:
     sampling_backend: Optional[str] = None
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
+    # Form and launch the next decode step before the current one's tokens reach the host (scheduler.py).
+    disable_overlap_schedule: bool = False
     # Parallelism
     tp_size: int = 1
     dp_size: int = 1

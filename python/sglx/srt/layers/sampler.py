@@ -10,7 +10,7 @@ Everything here is plain tensor ops with no per-row host sync, so it runs unchan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,8 +22,10 @@ from sglx.srt.sampling.sampling_batch_info import SamplingBatchInfo
 class SamplerOutput:
     next_token_ids: torch.Tensor  # [bs] int64
     next_token_logprobs: Optional[torch.Tensor]  # [bs] float32, raw log_softmax at the chosen id
-    top_logprobs_val: Optional[List[List[float]]]
-    top_logprobs_idx: Optional[List[List[int]]]
+    # [bs, max(top_logprobs_nums)] on the device; row i's first top_logprobs_nums[i] entries are its answer
+    # (top_logprobs_to_lists cuts them once the host has them: no host transfer happens here).
+    top_logprobs_val: Optional[torch.Tensor]
+    top_logprobs_idx: Optional[torch.Tensor]
 
 
 class Sampler(nn.Module):
@@ -165,11 +167,16 @@ def seeded_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size:
     return -torch.log(u)
 
 
-def top_logprobs(logprobs: torch.Tensor, nums: List[int]) -> tuple[List[List[float]], List[List[int]]]:
-    k = max(nums, default=0)
+def top_logprobs(logprobs: torch.Tensor, nums: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The max(nums) largest logprobs of every row and their ids, as device tensors ([bs, 0] if none asked)."""
+    k = min(max(nums, default=0), logprobs.shape[-1])
     if k <= 0:
-        return [[] for _ in nums], [[] for _ in nums]
-    vals, idx = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
-    # One host transfer for the whole batch, then per-request slicing in python.
-    vals_l, idx_l = vals.tolist(), idx.tolist()
-    return [v[:n] for v, n in zip(vals_l, nums)], [i[:n] for i, n in zip(idx_l, nums)]
+        empty = logprobs.new_empty((logprobs.shape[0], 0))
+        return empty, empty.to(torch.int64)
+    return torch.topk(logprobs, k, dim=-1)
+
+
+def top_logprobs_to_lists(vals: List[List[float]], idx: List[List[int]], nums: List[int]
+                          ) -> Tuple[List[List[float]], List[List[int]]]:
+    """Per request, its own number of (value, id) entries from the host copies of top_logprobs' tensors."""
+    return [v[:n] for v, n in zip(vals, nums)], [i[:n] for i, n in zip(idx, nums)]

@@ -159,7 +159,7 @@ class ScheduleBatch:
         self.reqs = reqs
         self.forward_mode = forward_mode
         self.ctx = ctx
-        self.input_ids: List[int] = []
+        self.input_ids: Optional[List[int]] = []
         self.seq_lens: List[int] = []
         self.prefix_lens: List[int] = []
         self.out_cache_loc: Optional[torch.Tensor] = None
@@ -202,15 +202,21 @@ class ScheduleBatch:
         return sum(page for r in self.reqs if r.kv_len % page == 0)
 
     def prepare_for_decode(self) -> None:
+        """One KV slot per request for its newest token, whose id the host may not know yet: the input ids
+        are left to the device (input_ids None, see ModelWorkerBatch). Nothing here waits for the device."""
         ctx = self.ctx
         self.forward_mode = ForwardMode.DECODE
-        self.input_ids = [r.output_ids[-1] for r in self.reqs]
+        self.input_ids = None
         self.prefix_lens = [r.kv_len for r in self.reqs]
         self.seq_lens = [r.kv_len + 1 for r in self.reqs]
         table = ctx.req_to_token_pool.req_to_token
-        rows = torch.tensor([r.req_pool_idx for r in self.reqs], dtype=torch.int64, device=table.device)
-        cols = torch.tensor([r.kv_len - 1 for r in self.reqs], dtype=torch.int64, device=table.device)
-        last_locs = table[rows, cols].tolist()
+
+        def dev(vals: List[int]) -> torch.Tensor:
+            return torch.tensor(vals, dtype=torch.int64).to(table.device, non_blocking=True)
+
+        rows, cols = dev([r.req_pool_idx for r in self.reqs]), dev([r.kv_len - 1 for r in self.reqs])
+        # Paged pools continue each request's last page: the slot of its newest KV, read on the device.
+        last_locs = table[rows, cols].to(torch.int64) if ctx.page_size > 1 else None
         loc = ctx.alloc_with_evict(
             lambda: ctx.allocator.alloc_decode(self.seq_lens, last_locs), self.decode_tokens_needed()
         )
@@ -220,7 +226,10 @@ class ScheduleBatch:
             r.kv_len += 1
 
     # ---------------------------------------------------------------- hand-off
-    def get_model_worker_batch(self) -> ModelWorkerBatch:
+    def get_model_worker_batch(self, inflight_tokens: int = 0) -> ModelWorkerBatch:
+        """The runner's view of this step. `inflight_tokens`: tokens each request has already sampled on the
+        device beyond its output_ids (1 when the step launches before the previous one's results are
+        processed), so sampling sees the true output count."""
         ctx = self.ctx
         batch = ModelWorkerBatch(
             forward_mode=self.forward_mode,
@@ -240,7 +249,7 @@ class ScheduleBatch:
                     for t in (r.token_type_ids[pre:seq] if r.token_type_ids is not None else [0] * (seq - pre))
                 ]
             return batch
-        batch.sampling_info = SamplingBatchInfo.from_reqs(self.reqs, ctx.vocab_size, ctx.device)
+        batch.sampling_info = SamplingBatchInfo.from_reqs(self.reqs, ctx.vocab_size, ctx.device, inflight_tokens)
         batch.return_logprob = any(r.return_logprob for r in self.reqs)
         if batch.return_logprob:
             batch.top_logprobs_nums = [r.top_logprobs_num for r in self.reqs]

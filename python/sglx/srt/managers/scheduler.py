@@ -4,6 +4,15 @@ One loop iteration: take new messages -> pick the next batch (a prefill of waiti
 one decode step of the running ones) -> run it -> append tokens, finish requests, free or cache their KV ->
 send the news to the detokenizer. Decode memory that runs out retracts requests back to the waiting queue.
 
+Overlap schedule (the default; --disable-overlap-schedule turns it off): the host's share of a step (the
+scheduling, the tensors of the next batch, the result processing and streaming) would leave the GPU idle
+between steps. So a decode step N+1 is formed and launched before step N's tokens reach the host: its input
+ids are read on the device (ModelRunner.last_token_ids), and step N's results are processed while N+1 runs.
+A request that finishes on N's token has then run one step ahead: that token is dropped, and its KV slot
+(written by N+1, for N's token) goes back with the request's others. A step overlaps only when nothing it
+depends on is still on the device (`can_overlap`): the previous step is a decode, no request waits (a
+prefill needs the finished requests' memory and rows), no chunked prefill, no retraction, no penalties.
+
 Embedding models: requests are prefill only (no decode, no sampling); each finishes right after its prefill,
 its KV is freed at once (or, on the skip-KV path, was never stored), and its pooled vector goes straight to
 the tokenizer manager as a BatchEmbeddingOut.
@@ -13,10 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 import zmq
 
 from sglx.srt.configs.model_config import ModelConfig
@@ -39,7 +46,7 @@ from sglx.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy, rese
 from sglx.srt.mem_cache.chunk_cache import ChunkCache
 from sglx.srt.mem_cache.radix_cache import RadixCache
 from sglx.srt.model_executor.forward_batch import ForwardMode
-from sglx.srt.model_executor.model_runner import ModelRunner
+from sglx.srt.model_executor.model_runner import GenerationBatchResult, HostSamplerOutput, ModelRunner
 from sglx.srt.sampling.sampling_params import SamplingParams
 from sglx.srt.server_args import ServerArgs
 from sglx.srt.utils import PortArgs, get_zmq_socket
@@ -105,6 +112,9 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.forward_ct = 0
         self.num_retracted = 0
+        # Overlap schedule: the launched step whose results are not processed yet.
+        self.enable_overlap = not server_args.disable_overlap_schedule and not self.is_embedding
+        self.inflight: Optional[Tuple[ScheduleBatch, GenerationBatchResult]] = None
 
         if port_args is not None:
             ctx = zmq.Context(2)
@@ -170,12 +180,37 @@ class Scheduler:
     # ------------------------------------------------------------------ loop
     def event_loop(self) -> None:
         while True:
-            self.recv_requests(block=self.is_idle())
+            self.recv_requests(block=self.is_idle() and self.inflight is None)
+            if not self.step() and self.is_idle():
+                self.check_memory()
+
+    def step(self) -> bool:
+        """One scheduling step: run (or, overlapped, launch) the next batch. False if nothing happened."""
+        if not self.enable_overlap:
             batch = self.get_next_batch_to_run()
             if batch is not None:
                 self.run_batch(batch)
-            elif self.is_idle():
-                self.check_memory()
+            return batch is not None
+        prev, self.inflight = self.inflight, None
+        if prev is not None and not self.can_overlap(prev[0]):
+            self.process_batch_result(*prev)
+            prev = None
+        batch = self.get_next_batch_to_run()
+        if batch is not None:  # every request of an overlapped batch has one token on the device
+            self.inflight = (batch, self.launch_batch(batch, inflight_tokens=1 if prev is not None else 0))
+        if prev is not None:  # while `batch` runs
+            self.process_batch_result(*prev)
+        return batch is not None or prev is not None
+
+    def can_overlap(self, prev: ScheduleBatch) -> bool:
+        """Whether the next step can be formed before `prev`'s results are processed: it is then a decode
+        step of exactly `prev`'s requests, and nothing it needs from the host depends on those results."""
+        if not prev.forward_mode.is_decode() or self.waiting_queue or self.chunked_req is not None:
+            return False
+        if any(r.sampling_params.uses_penalties for r in self.running_reqs):
+            return False
+        need = ScheduleBatch(self.running_reqs, ForwardMode.DECODE, self.ctx).decode_tokens_needed()
+        return need <= self.ctx.available_tokens()  # no retraction
 
     def recv_requests(self, block: bool) -> None:
         timeout = None if block else 0
@@ -322,7 +357,7 @@ class Scheduler:
         return batch
 
     def prepare_decode_batch(self) -> ScheduleBatch:
-        batch = ScheduleBatch(self.running_reqs, ForwardMode.DECODE, self.ctx)
+        batch = ScheduleBatch(list(self.running_reqs), ForwardMode.DECODE, self.ctx)
         while batch.decode_tokens_needed() > self.ctx.available_tokens():
             if len(batch.reqs) > 1:
                 self.retract_one(batch)
@@ -339,7 +374,7 @@ class Scheduler:
         it resumes later by re-prefilling its prompt plus what it generated so far."""
         victim = min(batch.reqs, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
         batch.reqs.remove(victim)
-        self.running_reqs = batch.reqs
+        self.running_reqs = list(batch.reqs)
         self.tree_cache.cache_finished_req(victim, victim.kv_token_ids())
         victim.reset_for_retract()
         self.waiting_queue.insert(0, victim)
@@ -358,27 +393,34 @@ class Scheduler:
 
     # ------------------------------------------------------------------ running
     def run_batch(self, batch: ScheduleBatch) -> None:
+        """Run one batch to the end: launch it, wait for its results, process them."""
         if self.is_embedding:
             self.run_embedding_batch(batch)
             return
-        result = self.runner.forward_batch_generation(batch.get_model_worker_batch())
-        out = result.sampler_output
-        next_ids = out.next_token_ids.tolist()
-        logprobs = out.next_token_logprobs.tolist() if out.next_token_logprobs is not None else None
-        self.forward_ct += 1
-        if batch.forward_mode.is_extend():
-            self.process_prefill_result(batch, next_ids, logprobs, out)
-        else:
-            self.process_decode_result(batch, next_ids, logprobs, out)
+        self.process_batch_result(batch, self.launch_batch(batch))
 
-    def _append_token(self, i: int, req: Req, tok: int, logprobs, out) -> None:
+    def launch_batch(self, batch: ScheduleBatch, inflight_tokens: int = 0) -> GenerationBatchResult:
+        """Queue the batch's forward and sampling on the device; returns without waiting for them."""
+        result = self.runner.forward_batch_generation(batch.get_model_worker_batch(inflight_tokens))
+        self.forward_ct += 1
+        return result
+
+    def process_batch_result(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+        out = result.host()  # waits for this batch's step (only)
+        if batch.forward_mode.is_extend():
+            self.process_prefill_result(batch, out)
+        else:
+            self.process_decode_result(batch, out)
+
+    def _append_token(self, i: int, req: Req, out: HostSamplerOutput) -> None:
+        tok = out.next_token_ids[i]
         req.output_ids.append(tok)
-        if req.return_logprob and logprobs is not None:
-            req.output_token_logprobs.append((logprobs[i], tok))
+        if req.return_logprob and out.next_token_logprobs is not None:
+            req.output_token_logprobs.append((out.next_token_logprobs[i], tok))
             if req.top_logprobs_num > 0 and out.top_logprobs_val is not None:
                 req.output_top_logprobs.append(list(zip(out.top_logprobs_val[i], out.top_logprobs_idx[i])))
 
-    def process_prefill_result(self, batch: ScheduleBatch, next_ids, logprobs, out) -> None:
+    def process_prefill_result(self, batch: ScheduleBatch, out: HostSamplerOutput) -> None:
         for i, req in enumerate(batch.reqs):
             if req is self.chunked_req:
                 # Only part of the prompt ran: cache it (so the next chunk continues from it), sample nothing.
@@ -393,7 +435,7 @@ class Scheduler:
             if req.sampling_params.max_new_tokens == 0:
                 req.finished_reason = {"type": "length", "length": 0}
             else:
-                self._append_token(i, req, next_ids[i], logprobs, out)
+                self._append_token(i, req, out)
                 req.check_finished(self.tokenizer)
             if req.finished():
                 self.finish_req(req)
@@ -403,14 +445,18 @@ class Scheduler:
                 self.running_reqs.append(req)
         self.stream_output(batch.reqs)
 
-    def process_decode_result(self, batch: ScheduleBatch, next_ids, logprobs, out) -> None:
+    def process_decode_result(self, batch: ScheduleBatch, out: HostSamplerOutput) -> None:
+        live = []
         for i, req in enumerate(batch.reqs):
-            self._append_token(i, req, next_ids[i], logprobs, out)
+            if req.finished():  # finished on the previous step's token; this step ran ahead for it (overlap)
+                continue
+            self._append_token(i, req, out)
             req.check_finished(self.tokenizer)
             if req.finished():
                 self.finish_req(req)
-        self.running_reqs = [r for r in batch.reqs if not r.finished()]
-        self.stream_output(batch.reqs)
+            live.append(req)
+        self.running_reqs = [r for r in self.running_reqs if not r.finished()]
+        self.stream_output(live)
 
     def run_embedding_batch(self, batch: ScheduleBatch) -> None:
         """Prefill, pool, finish: every request but a still-chunked one is done after this step."""

@@ -7,6 +7,8 @@ page of the KV pool and is never handed out.
 Both allocators offer the same extend/decode API so the scheduler need not care about the page size:
   alloc_extend(prefix_lens, seq_lens, last_locs, extend_num_tokens) -> slots for the new tokens
   alloc_decode(seq_lens, last_locs) -> one slot per request
+(last_locs: the KV slot of each request's newest token, a list or a device tensor; the page-1 allocator
+ignores it.) Neither waits for the device: sizes come from the host lists.
   free(indices), available_size(), clear(), free_group_begin()/free_group_end()
 """
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 from typing import List, Optional, Union
 
 import torch
+
+LastLocs = Union[List[int], torch.Tensor]
 
 
 class _FreeListBase:
@@ -84,11 +88,18 @@ class TokenToKVPoolAllocator(_FreeListBase):
         # With one-token pages there is no partial page to continue: any free slots do.
         return self._take(extend_num_tokens)
 
-    def alloc_decode(self, seq_lens: List[int], last_locs: List[int]) -> Optional[torch.Tensor]:
+    def alloc_decode(self, seq_lens: List[int], last_locs: Optional[LastLocs]) -> Optional[torch.Tensor]:
         return self._take(len(seq_lens))
 
     def free(self, indices: torch.Tensor) -> None:
         self._release(indices.to(torch.int64))
+
+
+def _on_device(vals: Union[List[int], torch.Tensor], device: str) -> torch.Tensor:
+    """int64 on the pool's device without waiting for it (host lists go over as a non-blocking copy)."""
+    if isinstance(vals, torch.Tensor):
+        return vals.to(device=device, dtype=torch.int64)
+    return torch.tensor(vals, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -142,10 +153,7 @@ class PagedTokenToKVPoolAllocator(_FreeListBase):
             return torch.empty(0, dtype=torch.int64, device=self.device)
 
         dev = self.device
-        prefix = torch.tensor(prefix_lens, dtype=torch.int64, device=dev)
-        seq = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
-        last = torch.tensor(last_locs, dtype=torch.int64, device=dev)
-        n_pages = torch.tensor(new_pages_per_req, dtype=torch.int64, device=dev)
+        prefix, seq, last, n_pages = (_on_device(x, dev) for x in (prefix_lens, seq_lens, last_locs, new_pages_per_req))
         ext = seq - prefix
         # Per token: which request, and its absolute position.
         req = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), ext, output_size=extend_num_tokens)
@@ -163,14 +171,23 @@ class PagedTokenToKVPoolAllocator(_FreeListBase):
         fresh_slot = (pages[page_idx] * ps + pos % ps) if total_pages > 0 else partial_slot
         return torch.where(in_partial, partial_slot, fresh_slot)
 
-    def alloc_decode(self, seq_lens: List[int], last_locs: List[int]) -> Optional[torch.Tensor]:
+    def alloc_decode(self, seq_lens: List[int], last_locs: LastLocs) -> Optional[torch.Tensor]:
         prefix_lens = [s - 1 for s in seq_lens]
         return self.alloc_extend(prefix_lens, seq_lens, last_locs, len(seq_lens))
 
     def free(self, indices: torch.Tensor) -> None:
+        """`indices`: a request's slots in position order, from a page boundary on (every caller frees whole
+        pages, the last one possibly partly filled), so each page is named by its first slot. This avoids
+        torch.unique, which waits for the device (and would stall the overlap schedule); on the CPU the
+        contract is checked against it."""
         if indices.numel() == 0:
             return
-        self._release(torch.unique(indices.to(torch.int64) // self.page_size))
+        pages = indices[:: self.page_size].to(torch.int64) // self.page_size
+        if not indices.is_cuda:
+            unique = torch.unique(indices.to(torch.int64) // self.page_size)
+            if not torch.equal(torch.sort(pages).values, unique):
+                raise ValueError("PagedTokenToKVPoolAllocator.free: slots do not start at a page boundary")
+        self._release(pages)
 
 
 def make_token_allocator(

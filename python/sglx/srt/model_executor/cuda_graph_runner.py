@@ -152,12 +152,14 @@ class CudaGraphRunner:
         padded = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
         pad = padded - bs
         seq_lens = list(batch.seq_lens) + [1] * pad
+        ids = list(batch.input_ids) + [0] * pad if batch.input_ids is not None else [0] * padded
         host = torch.tensor(
-            [list(batch.input_ids) + [0] * pad, [s - 1 for s in seq_lens],
-             list(batch.req_pool_indices) + [0] * pad, seq_lens],
-            dtype=torch.int64,
-        )  # fmt: skip
+            [ids, [s - 1 for s in seq_lens], list(batch.req_pool_indices) + [0] * pad, seq_lens], dtype=torch.int64
+        )
         self.static_ints[:, :padded].copy_(host, non_blocking=True)
+        if batch.input_ids is None:  # the newest tokens, on the device (padding rows read row 0's: unused)
+            torch.index_select(self.runner.last_token_ids, 0, self.req_pool_indices[:padded],
+                               out=self.input_ids[:padded])
         self.out_cache_loc[:bs].copy_(batch.out_cache_loc, non_blocking=True)
         if pad:
             self.out_cache_loc[bs:padded].zero_()

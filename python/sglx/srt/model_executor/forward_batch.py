@@ -39,7 +39,9 @@ class ModelWorkerBatch:
     """CPU-side description of a step, produced by ScheduleBatch for the model runner."""
 
     forward_mode: ForwardMode
-    input_ids: List[int]
+    # None for a decode step whose inputs are the requests' newest tokens: the runner reads them on the
+    # device (ModelRunner.last_token_ids), so the host may launch the step before it has those tokens.
+    input_ids: Optional[List[int]]
     req_pool_indices: List[int]
     seq_lens: List[int]  # sequence length after this step
     prefix_lens: List[int]  # tokens already in the KV cache before this step
@@ -101,12 +103,13 @@ class ForwardBatch:
         skip_kv_cache = bool(getattr(runner, "skip_kv_cache", False)) and b.forward_mode.is_extend()
         if skip_kv_cache and any(b.prefix_lens):
             raise RuntimeError("skip_kv_cache batch with a cached prefix: its KV was never written")
+        req_pool_indices = t(b.req_pool_indices)
         return cls(
             forward_mode=b.forward_mode,
             batch_size=len(b.seq_lens),
-            input_ids=t(b.input_ids),
+            input_ids=t(b.input_ids) if b.input_ids is not None else last_token_input_ids(b, runner, req_pool_indices),
             positions=positions.to(device, non_blocking=True),
-            req_pool_indices=t(b.req_pool_indices),
+            req_pool_indices=req_pool_indices,
             seq_lens=t(b.seq_lens),
             out_cache_loc=b.out_cache_loc.to(device, non_blocking=True),
             seq_lens_cpu=list(b.seq_lens),
@@ -124,3 +127,10 @@ class ForwardBatch:
             token_type_ids=t(b.token_type_ids) if b.token_type_ids is not None else None,
             skip_kv_cache=skip_kv_cache,
         )
+
+
+def last_token_input_ids(b: ModelWorkerBatch, runner: Any, req_pool_indices: torch.Tensor) -> torch.Tensor:
+    """A decode step's input ids read on the device: each request's newest sampled token."""
+    if not b.forward_mode.is_decode():
+        raise ValueError("only a decode batch may leave input_ids to the device (one new token per request)")
+    return runner.last_token_ids.index_select(0, req_pool_indices)

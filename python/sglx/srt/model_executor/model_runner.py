@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 
@@ -13,7 +13,7 @@ from sglx.srt.layers.attention.base_attn_backend import HybridAttnBackend
 from sglx.srt.layers.attention.registry import create_model_attention_backend
 from sglx.srt.layers.logits_processor import LogitsProcessorOutput
 from sglx.srt.layers.pooler import Pooler, resolve_pooling_config
-from sglx.srt.layers.sampler import Sampler, SamplerOutput
+from sglx.srt.layers.sampler import Sampler, SamplerOutput, top_logprobs_to_lists
 from sglx.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
 from sglx.srt.mem_cache.memory_pool import KVCache, MHATokenToKVPool, NoOpKVPool, ReqToTokenPool
 from sglx.srt.model_executor.cuda_graph_runner import CudaGraphRunner
@@ -72,9 +72,48 @@ def embedding_trunk(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @dataclass
+class HostSamplerOutput:
+    """A step's sampled tokens (and the logprobs asked for) as python lists, for the scheduler."""
+
+    next_token_ids: List[int]
+    next_token_logprobs: Optional[List[float]] = None
+    top_logprobs_val: Optional[List[List[float]]] = None
+    top_logprobs_idx: Optional[List[List[int]]] = None
+
+
+@dataclass
 class GenerationBatchResult:
+    """One launched step. Its device tensors are copied to the host asynchronously, right after sampling
+    (into pinned memory on a GPU, with an event behind the copies); `host()` waits for that event only, so
+    the scheduler can launch the next step before it asks for this one's tokens (the overlap schedule)."""
+
     logits_output: LogitsProcessorOutput
     sampler_output: Optional[SamplerOutput]
+    top_logprobs_nums: Optional[List[int]] = None
+    _copies: List[Optional[torch.Tensor]] = field(default_factory=list)
+    _copy_done: Optional[torch.cuda.Event] = None
+    _host: Optional[HostSamplerOutput] = None
+
+    def start_host_copy(self) -> None:
+        out = self.sampler_output
+        tensors = [out.next_token_ids, out.next_token_logprobs, out.top_logprobs_val, out.top_logprobs_idx]
+        on_gpu = out.next_token_ids.is_cuda
+        self._copies = [t.to("cpu", non_blocking=on_gpu) if t is not None else None for t in tensors]
+        if on_gpu:
+            self._copy_done = torch.cuda.Event()
+            self._copy_done.record()
+
+    def host(self) -> HostSamplerOutput:
+        """The sampled tokens on the host; blocks until this step's copies (and so the step) are done."""
+        if self._host is None:
+            if self._copy_done is not None:
+                self._copy_done.synchronize()
+            ids, logprobs, top_val, top_idx = (t.tolist() if t is not None else None for t in self._copies)
+            self._host = HostSamplerOutput(ids, logprobs)
+            if top_val is not None:
+                self._host.top_logprobs_val, self._host.top_logprobs_idx = top_logprobs_to_lists(
+                    top_val, top_idx, self.top_logprobs_nums)
+        return self._host
 
 
 class ModelRunner:
@@ -131,6 +170,10 @@ class ModelRunner:
         self.max_total_num_tokens = max_tokens
         self.max_running_requests = sa.max_running_requests
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 1, c.context_len + 4, str(self.device))
+        # The newest sampled token of each request row, kept on the device: a decode step reads its input ids
+        # here (ModelWorkerBatch.input_ids is None), so the host need not know them yet (overlap schedule).
+        self.last_token_ids = torch.zeros(self.req_to_token_pool.req_to_token.shape[0], dtype=torch.int64,
+                                          device=self.device)
         # With the KV cache skipped, max_tokens still bounds the tokens of a batch (through the allocator,
         # whose slot numbers are then bookkeeping only), but no memory is reserved for them.
         self.token_to_kv_pool: KVCache = NoOpKVPool(
@@ -169,12 +212,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_batch_generation(self, batch: ModelWorkerBatch) -> GenerationBatchResult:
+        """Forward, sample, record each request's new token in `last_token_ids`, and start copying the
+        sampled tokens to the host. Nothing here waits for the device."""
         logits_output = self.forward(batch)
         sampler_output = self.sampler(
             logits_output.next_token_logits, batch.sampling_info,
             return_logprob=batch.return_logprob, top_logprobs_nums=batch.top_logprobs_nums,
         )
-        return GenerationBatchResult(logits_output, sampler_output)
+        rows = torch.tensor(batch.req_pool_indices, dtype=torch.int64).to(self.device, non_blocking=True)
+        self.last_token_ids.index_copy_(0, rows, sampler_output.next_token_ids)
+        result = GenerationBatchResult(logits_output, sampler_output, batch.top_logprobs_nums)
+        result.start_host_copy()
+        return result
 
     @torch.inference_mode()
     def forward_batch_embedding(self, batch: ModelWorkerBatch) -> torch.Tensor:

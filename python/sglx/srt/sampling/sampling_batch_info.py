@@ -47,7 +47,12 @@ class SamplingBatchInfo:
         return self.top_ps.shape[0]
 
     @classmethod
-    def from_reqs(cls, reqs: Sequence[Any], vocab_size: int, device: torch.device) -> "SamplingBatchInfo":
+    def from_reqs(cls, reqs: Sequence[Any], vocab_size: int, device: torch.device, inflight_tokens: int = 0
+                  ) -> "SamplingBatchInfo":
+        """`inflight_tokens`: tokens each request sampled on the device that are not in its output_ids yet
+        (the overlap schedule launches a step before the previous one's tokens reach the host). They count
+        for the seeded position and min_new_tokens; penalties need the ids themselves, so a batch with
+        penalties must not be built with inflight tokens."""
         sps = [r.sampling_params for r in reqs]
         greedy = [sp.top_k == 1 for sp in sps]
         sampled = [sp for sp, g in zip(sps, greedy) if not g]
@@ -62,6 +67,8 @@ class SamplingBatchInfo:
         seed_list = [-1 if sp.sampling_seed is None else sp.sampling_seed & _SEED_MASK for sp in sps]
         any_seeded = any(s >= 0 for s in seed_list)
 
+        if inflight_tokens and any(sp.uses_penalties for sp in sps):
+            raise ValueError("penalties need every output id on the host: run this step without overlap")
         freq = [sp.frequency_penalty for sp in sps]
         pres = [sp.presence_penalty for sp in sps]
         rep = [sp.repetition_penalty for sp in sps]
@@ -83,13 +90,13 @@ class SamplingBatchInfo:
             need_top_k=any(sp.top_k < vocab_size for sp in sampled),
             need_min_p=any(sp.min_p > 0.0 for sp in sampled),
             seeds=i64(seed_list) if any_seeded else None,
-            positions=i64([len(o) for o in outputs]),
+            positions=i64([len(o) + inflight_tokens for o in outputs]),
             frequency_penalties=f32(freq) if use_freq else None,
             presence_penalties=f32(pres) if use_pres else None,
             repetition_penalties=f32(rep) if use_rep else None,
             output_token_counts=counts,
             prompt_token_mask=prompt_mask,
-            min_new_tokens_mask=_min_new_tokens_mask(reqs, vocab_size, device),
+            min_new_tokens_mask=_min_new_tokens_mask(reqs, vocab_size, device, inflight_tokens),
             logit_bias=_logit_bias(sps, vocab_size, device),
             vocab_size=vocab_size,
             seeded_rows=i64([i for i, s in enumerate(seed_list) if s >= 0]) if any_seeded else None,
@@ -124,7 +131,8 @@ def _token_mask(rows: Sequence[Iterable[int]], vocab_size: int, device: torch.de
     return mask.view(len(rows), vocab_size)
 
 
-def _min_new_tokens_mask(reqs: Sequence[Any], vocab_size: int, device: torch.device) -> Optional[torch.Tensor]:
+def _min_new_tokens_mask(reqs: Sequence[Any], vocab_size: int, device: torch.device, inflight_tokens: int = 0
+                         ) -> Optional[torch.Tensor]:
     """Stop ids a request may not emit yet because it has fewer than min_new_tokens outputs.
 
     With ignore_eos the eos ids don't end the request, so they are left alone; stop_token_ids always end it.
@@ -132,7 +140,7 @@ def _min_new_tokens_mask(reqs: Sequence[Any], vocab_size: int, device: torch.dev
     rows: List[List[int]] = []
     for r in reqs:
         sp = r.sampling_params
-        if len(r.output_ids) >= sp.min_new_tokens:
+        if len(r.output_ids) + inflight_tokens >= sp.min_new_tokens:
             rows.append([])
             continue
         ids = set(sp.stop_token_ids or ())

@@ -53,6 +53,11 @@ class SamplingParams:
         return sp
 
     @property
+    def uses_penalties(self) -> bool:
+        """Whether sampling depends on the ids generated so far (not only on how many there are)."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS or self.top_k == 1
 

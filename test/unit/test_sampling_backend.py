@@ -36,14 +36,19 @@ class FakeFlashinferSampling(types.ModuleType):
         return run
 
 
-@pytest.fixture
-def fake_flashinfer(monkeypatch) -> FakeFlashinferSampling:
+def install_fake_flashinfer(monkeypatch) -> FakeFlashinferSampling:
+    """Put a fake `flashinfer` package with the fake `flashinfer.sampling` into sys.modules (undone by monkeypatch)."""
     fake = FakeFlashinferSampling()
     parent = types.ModuleType("flashinfer")
     parent.sampling = fake
     monkeypatch.setitem(sys.modules, "flashinfer", parent)
     monkeypatch.setitem(sys.modules, "flashinfer.sampling", fake)
     return fake
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch) -> FakeFlashinferSampling:
+    return install_fake_flashinfer(monkeypatch)
 
 
 def info_for(reqs) -> SamplingBatchInfo:

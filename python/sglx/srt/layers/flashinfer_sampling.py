@@ -11,10 +11,13 @@ there and value here):
   the mass top-k kept, as in filter_probs ("joint", SGLang's choice, would measure it on the whole row);
 * min-p: when its probability is at least min_p times the row's largest.
 
-Neutral rows of a filtering batch (top_k = vocab, top_p = 1, min_p = 0) go through the same kernel and keep
-every token, up to float rounding of the row's sum against top_p = 1 (tokens of probability below ~1e-7).
+Neutral rows of a filtering batch (top_k = vocab, top_p = 1, min_p = 0) go through the same kernel. top_k =
+vocab and min_p = 0 keep every token; top_p = 1 keeps every token whose probability exceeds the rounding error
+of flashinfer's float32 sum of the others (filter_probs exempts such rows from the test, the kernel has no
+such exemption), so a far tail can be cut in a batch where other rows use top-p.
 
-API used (flashinfer 0.5 to 0.7 agree on it): `sampling_from_probs(probs)`, `top_k_sampling_from_probs(probs,
+API used, the same from flashinfer 0.2.3 (before, the kernels took uniform samples and returned a success
+mask) to the 0.7 source read when writing this: `sampling_from_probs(probs)`, `top_k_sampling_from_probs(probs,
 top_k)`, `top_p_sampling_from_probs(probs, top_p)`, `top_k_top_p_sampling_from_probs(probs, top_k, top_p,
 filter_apply_order=...)`, `min_p_sampling_from_probs(probs, min_p)`; per-row parameters as device tensors
 (int32 top_k, float32 top_p / min_p), int32 token ids back. Their random numbers come from Philox offsets
@@ -44,8 +47,8 @@ def import_flashinfer_sampling() -> ModuleType:
 
 
 def flashinfer_kernel_for(info: SamplingBatchInfo) -> Optional[str]:
-    """The flashinfer kernel that samples this batch's unseeded rows exactly as the torch path would, or None
-    when the whole batch takes the torch path. Reads host-side flags and shapes only.
+    """The flashinfer kernel that draws this batch's unseeded rows from the same filtered distribution as the
+    torch path, or None when the whole batch takes the torch path. Reads host-side flags and shapes only.
 
     None when:
     * min-p comes with top-k or top-p: flashinfer has no kernel applying all three in sampler.py's order (a

@@ -12,12 +12,18 @@ import time
 
 JOBS = [(kernel, op, hd) for kernel in ("fa2", "fa3") for op in ("prefill", "decode") for hd in (64, 128)
         if not (kernel == "fa3" and op == "decode")]  # decode kernels are FA2-family for both backends
+JOBS.append(("sampling", "all", 0))  # one JIT module holds every sampling kernel (--sampling-backend flashinfer)
 
 CHILD = """
 import sys, torch
 from sglx.srt.layers.attention import flash_attn as fa
 kernel, op, hd = sys.argv[1], sys.argv[2], int(sys.argv[3])
 dev = torch.device("cuda")
+if kernel == "sampling":
+    import flashinfer.sampling
+    flashinfer.sampling.sampling_from_probs(torch.softmax(torch.randn(2, 64, device=dev), -1))
+    torch.cuda.synchronize()
+    sys.exit(0)
 q = torch.randn(8, 4, hd, device=dev, dtype=torch.bfloat16)
 if op == "prefill":
     cu = torch.tensor([0, 8], dtype=torch.int32)

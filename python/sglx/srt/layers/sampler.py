@@ -5,6 +5,12 @@ p / sum(p). That makes it (1) indifferent to whether p is renormalized, (2) a si
 (3) seedable per request: a seeded row draws its E from a counter-based hash of (seed, position, vocab
 index), so its token depends on nothing but its own logits, seed and position — never on batch neighbours.
 Everything here is plain tensor ops with no per-row host sync, so it runs unchanged on CPU and CUDA.
+
+Backends (`--sampling-backend`) differ only in how the unseeded, non-greedy rows are filtered and drawn once
+the logits are processed and divided by the temperature: `pytorch` as above; `flashinfer` with flashinfer's
+sorting-free kernels where they apply the same filters in the same order (flashinfer_sampling.py says where;
+elsewhere the batch takes the pytorch path). Greedy rows are argmax and seeded rows take the counter-hash
+race with either backend, so their tokens do not depend on it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from sglx.srt.layers import flashinfer_sampling
 from sglx.srt.sampling.sampling_batch_info import SamplingBatchInfo
+from sglx.srt.server_args import SAMPLING_BACKENDS
 
 
 @dataclass
@@ -29,6 +37,15 @@ class SamplerOutput:
 
 
 class Sampler(nn.Module):
+    def __init__(self, backend: str = "pytorch") -> None:
+        """`backend`: one of SAMPLING_BACKENDS. "flashinfer" imports flashinfer here, so that a missing
+        package fails at start-up rather than on the first sampled batch."""
+        super().__init__()
+        if backend not in SAMPLING_BACKENDS:
+            raise ValueError(f"unknown sampling backend {backend!r}; expected one of {', '.join(SAMPLING_BACKENDS)}")
+        self.backend = backend
+        self.flashinfer = flashinfer_sampling.import_flashinfer_sampling() if backend == "flashinfer" else None
+
     def forward(
         self,
         logits: torch.Tensor,
@@ -46,7 +63,7 @@ class Sampler(nn.Module):
         if info.is_all_greedy:
             next_ids = greedy_ids
         else:
-            sampled = sample_from_logits(processed, info)
+            sampled = self.sample(processed, info)
             # Greedy rows in a mixed batch must be exactly argmax, whatever the sampling path did with them.
             next_ids = torch.where(info.top_ks == 1, greedy_ids, sampled)
 
@@ -57,6 +74,21 @@ class Sampler(nn.Module):
         if top_logprobs_nums is not None:
             top_val, top_idx = top_logprobs(logprobs, top_logprobs_nums)
         return SamplerOutput(next_ids, token_logprobs, top_val, top_idx)
+
+    def sample(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+        """[bs] int64 ids drawn from softmax(logits / temperature) after top-k, top-p, min-p (greedy rows: any id;
+        the caller overwrites them). The flashinfer backend draws the unseeded rows with the kernel that
+        flashinfer_kernel_for picks and re-draws the seeded rows on the torch path; a batch with no such
+        kernel takes the torch path whole."""
+        probs = temperature_probs(logits, info)
+        kernel = None if self.flashinfer is None else flashinfer_sampling.flashinfer_kernel_for(info)
+        if kernel is None:
+            return sample_from_probs(probs, info)
+        ids = flashinfer_sampling.flashinfer_sample(self.flashinfer, kernel, probs, info)
+        if info.seeded_rows is not None:
+            seeded = info.seeded_sub_batch()
+            ids.index_copy_(0, info.seeded_rows, sample_from_probs(probs.index_select(0, info.seeded_rows), seeded))
+        return ids
 
 
 def apply_logits_processing(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
@@ -79,8 +111,13 @@ def apply_logits_processing(logits: torch.Tensor, info: SamplingBatchInfo) -> to
     return out
 
 
-def sample_from_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
-    probs = torch.softmax(logits / info.temperatures, dim=-1)
+def temperature_probs(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """softmax(logits / temperature), row by row: what every backend filters and samples from."""
+    return torch.softmax(logits / info.temperatures, dim=-1)
+
+
+def sample_from_probs(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """The torch path: filter_probs, then the exponential race (hashed noise for seeded rows)."""
     probs = filter_probs(probs, info)
     return torch.argmax(probs / exponential_noise(probs, info), dim=-1)
 

@@ -136,7 +136,7 @@ class ModelRunner:
         if self.skip_kv_cache and not getattr(prefill_backend, "supports_skip_kv_cache", False):
             raise RuntimeError(f"{type(prefill_backend).__name__} is listed in SKIP_KV_CACHE_BACKENDS but does "
                                "not implement the raw-K/V path (supports_skip_kv_cache)")
-        self.sampler = Sampler()
+        self.sampler = Sampler(backend=server_args.sampling_backend)
         self.cuda_graph_runner = self.init_cuda_graphs()
         self.pooler: Optional[Pooler] = None
         if model_config.is_embedding:

@@ -7,6 +7,7 @@ request in the batch uses stays None so the sampler can skip it entirely.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Iterable, List, Optional, Sequence
@@ -16,6 +17,8 @@ import torch
 # Seeds are folded into 63 bits so every user seed (negative or huge python ints included) maps to a
 # non-negative int64 and -1 stays free as the "unseeded" marker.
 _SEED_MASK = (1 << 63) - 1
+# Fields that are not [bs, ...] tensors (seeded_rows indexes rows rather than being one entry per row).
+_HOST_FIELDS = frozenset({"is_all_greedy", "need_top_p", "need_top_k", "need_min_p", "vocab_size", "seeded_rows"})
 
 
 @dataclass
@@ -45,6 +48,22 @@ class SamplingBatchInfo:
     @property
     def batch_size(self) -> int:
         return self.top_ps.shape[0]
+
+    def seeded_sub_batch(self) -> "SamplingBatchInfo":
+        """The seeded rows (`seeded_rows`, in that order) as a batch of their own, without a device sync.
+
+        Every per-row tensor is gathered. The host-side flags stay the whole batch's: they only turn filters
+        on, and a filter is a no-op for a row that does not use it (top_k = vocab, top_p = 1, min_p = 0).
+        """
+        rows = self.seeded_rows
+        if rows is None:
+            raise ValueError("seeded_sub_batch needs seeded_rows (from_reqs sets them)")
+        per_row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _HOST_FIELDS}
+        return dataclasses.replace(
+            self,
+            **{name: None if t is None else t.index_select(0, rows) for name, t in per_row.items()},
+            seeded_rows=torch.arange(rows.numel(), dtype=torch.int64, device=rows.device),
+        )
 
     @classmethod
     def from_reqs(cls, reqs: Sequence[Any], vocab_size: int, device: torch.device, inflight_tokens: int = 0

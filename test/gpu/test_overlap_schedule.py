@@ -14,6 +14,8 @@ import contextlib
 import pytest
 import torch
 
+from benchmark.engine_utils import synthetic_tokenizer
+
 from sglx.test.scheduler_utils import TINY_LLAMA, make_scheduler, run_both_schedules, submit
 
 LLAMA = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
@@ -21,7 +23,9 @@ LLAMA = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 512, "num_attent
 
 
 def _make(tmp_path, backend, page_size, **kw):
+    # The GPU host has no default model: a word-level tokenizer over the ids stands in (no stop strings here).
     return make_scheduler(tmp_path, LLAMA, device="cuda", attention_backend=backend, page_size=page_size,
+                          tokenizer_path=synthetic_tokenizer(LLAMA["vocab_size"]),
                           max_total_tokens=8192, max_running_requests=16, cuda_graph_max_bs=16,
                           mem_fraction_static=0.5, **kw)
 

@@ -30,7 +30,8 @@ def make_scheduler(tmp_path, config: Optional[dict] = None, **kw) -> Scheduler:
     """A Scheduler without sockets (its outputs collect in a Sink); CPU unless `device` says otherwise."""
     (tmp_path / "config.json").write_text(json.dumps(config or TINY_LLAMA))
     kw.setdefault("device", "cpu")
-    kw.setdefault("tokenizer_path", default_model_path())
+    if "tokenizer_path" not in kw:
+        kw["tokenizer_path"] = default_model_path()
     sa = ServerArgs(model_path=str(tmp_path), load_format="dummy", **kw)
     s = Scheduler(sa, None)
     s.send_to_detokenizer = s.send_to_tokenizer = Sink()

@@ -11,6 +11,13 @@ from sglx.srt import server_args as sa_mod
 from sglx.srt.server_args import ServerArgs, default_attention_backends, resolve_attention_backends
 
 
+def fake_flashinfer(monkeypatch, installed: bool) -> None:
+    """Make `importlib.util.find_spec("flashinfer")` say whether flashinfer is installed."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(sa_mod.importlib.util, "find_spec",
+                        lambda name, *a: (object() if installed else None) if name == "flashinfer" else real(name, *a))
+
+
 @pytest.mark.parametrize("kw,flag", [({"tp_size": 2}, "--tp-size"), ({"speculative_algorithm": "EAGLE"}, "--speculative"),
                                      ({"skip_tokenizer_init": True}, "--skip-tokenizer-init")])
 def test_unsupported_flags_are_refused_not_ignored(kw, flag):
@@ -29,9 +36,7 @@ def test_cpu_defaults_to_torch_native():
 ])
 def test_gpu_default_by_capability_and_flashinfer(monkeypatch, major, has_flashinfer, want):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
-    real = importlib.util.find_spec
-    monkeypatch.setattr(sa_mod.importlib.util, "find_spec",
-                        lambda name, *a: (object() if has_flashinfer else None) if name == "flashinfer" else real(name, *a))
+    fake_flashinfer(monkeypatch, has_flashinfer)
     assert default_attention_backends("cuda") == want
 
 
@@ -44,9 +49,12 @@ def test_resolution_keeps_what_the_user_named(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ --sampling-backend
-@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
-def test_sampling_backend_defaults_to_pytorch(device):
-    assert ServerArgs(device=device).sampling_backend == "pytorch"
+@pytest.mark.parametrize("device,has_flashinfer,want", [
+    ("cpu", True, "pytorch"), ("cuda", True, "flashinfer"), ("cuda:1", True, "flashinfer"), ("cuda", False, "pytorch"),
+])
+def test_sampling_backend_default(monkeypatch, device, has_flashinfer, want):
+    fake_flashinfer(monkeypatch, has_flashinfer)
+    assert ServerArgs(device=device).sampling_backend == want
 
 
 @pytest.mark.parametrize("device,backend", [("cpu", "pytorch"), ("cuda", "pytorch"), ("cuda", "flashinfer"),

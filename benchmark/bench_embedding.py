@@ -8,14 +8,13 @@
 Both run with --is-embedding, the radix cache and chunked prefill off. Per mode: warm up, then time one
 `encode` of all inputs submitted at once (one message: the scheduler sees them all), and report items/s,
 input tokens/s and wall seconds; the two modes' embeddings must agree (cosine >= 0.999 on a subset).
+--schedule overlap sync times each mode with and without the overlap schedule (one Engine each).
 Then, per mode, a ModelRunner built directly with the same arguments finds the largest prefill (tokens of
 one forward, requests of ~4096 tokens) that runs without CUDA OOM: doubling, then bisecting to ~5%.
 
 What bounds a prefill batch in the scheduler (PrefillAdder), in both modes:
-  * tokens per batch: max(--max-prefill-tokens, min(context length, max_total_num_tokens - page size));
-    Qwen3-0.6B's context (40960) exceeds the default 16384, so by default both modes batch ~40960 tokens
-    (~10 inputs of this workload) and the timed runs differ only by the KV writes. Raise
-    --max-prefill-tokens to let the skip mode use the memory it saves;
+  * tokens per batch: --max-prefill-tokens (default 16384; an input longer than that runs alone). Raise it
+    to let the skip mode use the memory it saves;
   * KV slots: page-rounded input + one page per request must fit in the free slots (embedding requests
     reserve no decode tokens); --max-running-requests rows.
   skip:  max_total_num_tokens is still profiled from free memory / KV bytes per token, but it is bookkeeping
@@ -23,8 +22,6 @@ What bounds a prefill batch in the scheduler (PrefillAdder), in both modes:
          the bound is the slot count, or activation memory (a CUDA OOM in the scheduler) if that comes first.
   cache: the pool holds mem_fraction_static of the free memory; activations get the rest, so the largest
          batch is the one whose activations fit beside the pool.
-
-This file also holds the engine helpers bench_roofline.py imports (synthetic tokenizer, guarded calls).
 """
 
 from __future__ import annotations
@@ -56,7 +53,7 @@ def make_inputs(num: int, min_len: int, max_len: int, vocab: int, seed: int) -> 
     return random_ids(gen, vocab, lengths)
 
 
-def mode_server_args(args: argparse.Namespace, mode: str) -> ServerArgs:
+def mode_server_args(args: argparse.Namespace, mode: str, schedule: str = "overlap") -> ServerArgs:
     extra = {k: v for k, v in (("max_prefill_tokens", args.max_prefill_tokens),
                                ("max_total_tokens", args.max_total_tokens),
                                ("context_length", args.context_length),
@@ -65,7 +62,7 @@ def mode_server_args(args: argparse.Namespace, mode: str) -> ServerArgs:
         model_path=args.model_path, tokenizer_path=args.tokenizer_path, load_format=args.load_format,
         dtype=args.dtype, device=args.device, attention_backend=args.attention_backend, is_embedding=True,
         disable_radix_cache=True, chunked_prefill_size=-1, disable_embedding_skip_kv_cache=(mode == "cache"),
-        random_seed=args.seed, log_level=args.log_level, **extra,
+        random_seed=args.seed, log_level=args.log_level, disable_overlap_schedule=schedule == "sync", **extra,
     )
 
 
@@ -78,10 +75,11 @@ def check_indices(num: int, count: int) -> List[int]:
 
 
 def encode_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]],
-                keep: List[int]) -> Dict[str, Any]:
-    """One Engine in `mode`: warm up, time one encode of every input; the kept embeddings go in "_kept"."""
-    sa = mode_server_args(args, mode)
-    rec: Dict[str, Any] = {"part": "encode", "mode": mode, "attention_backend": sa.attention_backend,
+                keep: List[int], schedule: str = "overlap") -> Dict[str, Any]:
+    """One Engine in `mode` (and scheduler mode): warm up, time one encode of every input; the kept
+    embeddings go in "_kept"."""
+    sa = mode_server_args(args, mode, schedule)
+    rec: Dict[str, Any] = {"part": "encode", "mode": mode, "schedule": schedule, "attention_backend": sa.attention_backend,
                            "num_inputs": len(inputs), "input_tokens": sum(map(len, inputs))}
     eng = GuardedEngine(sa, args.call_timeout)
     info = eng.engine.scheduler_info
@@ -244,19 +242,24 @@ def largest_batch_mode(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- report and main
+def label(r: Dict[str, Any]) -> str:
+    """A record's mode, with "/sync" when it ran without the overlap schedule."""
+    return r["mode"] + ("/sync" if r.get("schedule") == "sync" else "")
+
+
 def print_table(records: List[Dict[str, Any]], cosine: Optional[float], checked: int) -> None:
-    enc = {r["mode"]: r for r in records if r["part"] == "encode" and "error" not in r}
-    big = {r["mode"]: r for r in records if r["part"] == "largest_batch" and "error" not in r}
-    head = f"{'mode':6} {'skip_kv':>7} {'items/s':>9} {'tok/s':>11} {'wall s':>8} {'KV pool GiB':>11} " \
+    enc = {label(r): r for r in records if r["part"] == "encode" and "error" not in r}
+    big = {label(r): r for r in records if r["part"] == "largest_batch" and "error" not in r}
+    head = f"{'mode':10} {'skip_kv':>7} {'items/s':>9} {'tok/s':>11} {'wall s':>8} {'KV pool GiB':>11} " \
            f"{'KV slots':>10} {'largest prefill (bound)':>28}"
     print("\n" + head + "\n" + "-" * len(head))
-    for mode in dict.fromkeys([r["mode"] for r in records if r["part"] in ("encode", "largest_batch")]):
+    for mode in dict.fromkeys([label(r) for r in records if r["part"] in ("encode", "largest_batch")]):
         e, b = enc.get(mode, {}), big.get(mode, {})
         src = e or b
         fmt = (lambda k, f: format(e[k], f) if k in e else "-")
         pool = f"{src['kv_pool_bytes'] / 2**30:.2f}" if "kv_pool_bytes" in src else "-"
         largest = f"{b['largest_ok_tokens']} ({b['bound']})" if b else "-"
-        print(f"{mode:6} {str(src.get('skip_kv_cache', '-')):>7} {fmt('items_per_s', '.2f'):>9} "
+        print(f"{mode:10} {str(src.get('skip_kv_cache', '-')):>7} {fmt('items_per_s', '.2f'):>9} "
               f"{fmt('tokens_per_s', '.0f'):>11} {fmt('wall_s', '.2f'):>8} {pool:>11} "
               f"{str(src.get('max_total_num_tokens', '-')):>10} {largest:>28}")
     for r in records:
@@ -285,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--mem-fraction-static", type=float, default=None)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--schedule", nargs="+", choices=["overlap", "sync"], default=["overlap"],
+                   help="scheduler modes timed per KV mode: overlap (the default) or sync (--disable-overlap-schedule)")
     p.add_argument("--warmup-inputs", type=int, default=16, help="inputs encoded (untimed) before timing")
     p.add_argument("--check-items", type=int, default=32, help="embeddings compared across modes")
     p.add_argument("--skip-largest-batch", action="store_true")
@@ -309,19 +314,20 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
               **device_info(torch.device(mode_server_args(args, args.modes[0]).device))}
     records: List[Dict[str, Any]] = []
     kept: Dict[str, torch.Tensor] = {}
-    parts = [("encode", m) for m in args.modes] + ([] if args.skip_largest_batch else
-                                                   [("largest_batch", m) for m in args.modes])
-    for part, mode in parts:  # every engine is gone before the in-process runners take the card
-        print(f"== {part} [{mode}]", flush=True)
+    parts = [("encode", m, sched) for sched in args.schedule for m in args.modes]
+    parts += [] if args.skip_largest_batch else [("largest_batch", m, "overlap") for m in args.modes]
+    for part, mode, sched in parts:  # every engine is gone before the in-process runners take the card
+        print(f"== {part} [{mode}{'/sync' if sched == 'sync' else ''}]", flush=True)
         try:
-            rec = encode_mode(args, mode, inputs, keep) if part == "encode" else largest_batch_mode(args, mode)
+            rec = (encode_mode(args, mode, inputs, keep, sched) if part == "encode"
+                   else largest_batch_mode(args, mode))
         except Exception as e:
             import traceback
 
             traceback.print_exc()
-            rec = {"part": part, "mode": mode, "error": f"{type(e).__name__}: {e}"}
+            rec = {"part": part, "mode": mode, "schedule": sched, "error": f"{type(e).__name__}: {e}"}
         if "_kept" in rec:
-            kept[mode] = rec.pop("_kept")
+            kept.setdefault(mode, rec.pop("_kept"))  # the first schedule's
         rec = {**common, **rec}
         records.append(rec)
         append_jsonl(args.result_file, rec)

@@ -121,12 +121,18 @@ def test_bench_embedding_end_to_end(qwen3_dir, tmp_path):
     n, lo, hi = 10, 5, 60
     rc = be.main(["--model-path", qwen3_dir, "--num-inputs", str(n), "--min-len", str(lo), "--max-len", str(hi),
                   "--warmup-inputs", "2", "--check-items", "5", "--largest-batch-request-len", "64",
-                  "--largest-batch-max-tokens", "200", "--max-total-tokens", "4096", "--result-file", str(out)])
+                  "--largest-batch-max-tokens", "200", "--max-total-tokens", "4096", "--schedule", "overlap", "sync",
+                  "--result-file", str(out)])
     assert rc == 0
     recs = _read(out)
-    assert [(r["part"], r["mode"]) for r in recs] == [
-        ("encode", "skip"), ("encode", "cache"), ("largest_batch", "skip"), ("largest_batch", "cache"),
-        ("agreement", "skip_vs_cache")]
+    assert [(r["part"], r["mode"], r.get("schedule")) for r in recs] == [
+        ("encode", "skip", "overlap"), ("encode", "cache", "overlap"), ("encode", "skip", "sync"),
+        ("encode", "cache", "sync"), ("largest_batch", "skip", None), ("largest_batch", "cache", None),
+        ("agreement", "skip_vs_cache", None)]
+    for r in recs[2:4]:  # without the overlap schedule: the same inputs, all encoded
+        assert "error" not in r and r["num_inputs"] == n and r["input_tokens"] == recs[0]["input_tokens"]
+        assert r["items_per_s"] > 0 and r["kv_leak_free"]
+    recs = recs[:2] + recs[4:]
     enc = {r["mode"]: r for r in recs[:2]}
     for mode, r in enc.items():
         assert "error" not in r and "warning" not in r and r["dtype"] == "bfloat16"

@@ -324,12 +324,10 @@ def tiny_scheduler(tmp_path, **kw) -> Scheduler:
 
 def run_all(s: Scheduler, reqs) -> dict:
     s.process_input(BatchTokenizedEmbeddingReqInput([TokenizedEmbeddingReqInput(r, None, ids) for r, ids in reqs]))
-    out, steps = {}, 0
-    while not s.is_idle():
-        batch = s.get_next_batch_to_run()
-        assert batch is not None and not s.running_reqs, s.internal_state()
-        s.run_batch(batch)
-        steps += 1
+    first = s.forward_ct
+    while not (s.is_idle() and s.inflight is None):  # overlapped unless the scheduler was built without
+        assert s.step() and not s.running_reqs, s.internal_state()
+    out, steps = {}, s.forward_ct - first
     for m in s.send_to_tokenizer.msgs:
         for rid, emb, fr, n in zip(m.rids, m.embeddings, m.finished_reasons, m.prompt_tokens):
             out[rid] = (torch.tensor(emb), fr, n)
@@ -350,6 +348,17 @@ def test_scheduler_embedding_paths_agree_and_do_not_leak(tmp_path):
     assert skip.runner.skip_kv_cache and skip.internal_state()["kv_pool_bytes"] == 0
     want, steps = run_all(skip, reqs)
     assert steps > 1  # the 2048-token budget splits the batch
+    # The synchronous schedule gives the same vectors.
+    sync = tiny_scheduler(tmp_path, disable_radix_cache=True, max_total_tokens=2048, disable_overlap_schedule=True)
+    assert skip.enable_overlap and not sync.enable_overlap
+    want_sync, _ = run_all(sync, reqs)
+    for rid, _ in reqs:
+        assert torch.equal(want_sync[rid][0], want[rid][0]), rid
+    # Many tiny inputs: 16 rows per batch (--max-running-requests), each batch formed while the previous one
+    # still holds its rows; 16 + 16 would overrun the 17-row pool if the held ones were not counted.
+    tiny = [(f"t{i}", [100 + i, 7, 8]) for i in range(40)]
+    got_tiny, steps = run_all(skip, tiny)
+    assert steps == 3 and all(got_tiny[rid][1]["type"] == "length" for rid, _ in tiny)
     # Radix cache + chunked prefill (allowed for last-token pooling of a decoder): the same vectors.
     cached = tiny_scheduler(tmp_path, max_total_tokens=2048, chunked_prefill_size=64, page_size=4)
     assert not cached.runner.skip_kv_cache and cached.internal_state()["kv_pool_bytes"] > 0

@@ -11,7 +11,9 @@ ids are read on the device (ModelRunner.last_token_ids), and step N's results ar
 A request that finishes on N's token has then run one step ahead: that token is dropped, and its KV slot
 (written by N+1, for N's token) goes back with the request's others. A step overlaps only when nothing it
 depends on is still on the device (`can_overlap`): the previous step is a decode, no request waits (a
-prefill needs the finished requests' memory and rows), no chunked prefill, no retraction, no penalties.
+prefill needs the finished requests' memory and rows), no chunked prefill, no retraction, no penalties. Embedding steps overlap too: every request of one finishes with its
+prefill, so the next batch of waiting inputs can be formed and launched while the previous one runs (its
+rows and KV slots are counted as held until its results are processed).
 
 Embedding models: requests are prefill only (no decode, no sampling); each finishes right after its prefill,
 its KV is freed at once (or, on the skip-KV path, was never stored), and its pooled vector goes straight to
@@ -22,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+import torch
 import zmq
 
 from sglx.srt.configs.model_config import ModelConfig
@@ -46,12 +49,19 @@ from sglx.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy, rese
 from sglx.srt.mem_cache.chunk_cache import ChunkCache
 from sglx.srt.mem_cache.radix_cache import RadixCache
 from sglx.srt.model_executor.forward_batch import ForwardMode
-from sglx.srt.model_executor.model_runner import GenerationBatchResult, HostSamplerOutput, ModelRunner
+from sglx.srt.model_executor.model_runner import (
+    EmbeddingBatchResult,
+    GenerationBatchResult,
+    HostSamplerOutput,
+    ModelRunner,
+)
 from sglx.srt.sampling.sampling_params import SamplingParams
 from sglx.srt.server_args import ServerArgs
 from sglx.srt.utils import PortArgs, get_zmq_socket
 
 logger = logging.getLogger(__name__)
+
+BatchResult = Union[GenerationBatchResult, EmbeddingBatchResult]
 
 INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
@@ -113,8 +123,8 @@ class Scheduler:
         self.forward_ct = 0
         self.num_retracted = 0
         # Overlap schedule: the launched step whose results are not processed yet.
-        self.enable_overlap = not server_args.disable_overlap_schedule and not self.is_embedding
-        self.inflight: Optional[Tuple[ScheduleBatch, GenerationBatchResult]] = None
+        self.enable_overlap = not server_args.disable_overlap_schedule
+        self.inflight: Optional[Tuple[ScheduleBatch, BatchResult]] = None
 
         if port_args is not None:
             ctx = zmq.Context(2)
@@ -191,20 +201,27 @@ class Scheduler:
             if batch is not None:
                 self.run_batch(batch)
             return batch is not None
-        prev, self.inflight = self.inflight, None
+        prev = self.inflight
         if prev is not None and not self.can_overlap(prev[0]):
+            self.inflight = None
             self.process_batch_result(*prev)
             prev = None
-        batch = self.get_next_batch_to_run()
-        if batch is not None:  # every request of an overlapped batch has one token on the device
-            self.inflight = (batch, self.launch_batch(batch, inflight_tokens=1 if prev is not None else 0))
+        batch = self.get_next_batch_to_run()  # (sees self.inflight: its rows are still held)
+        launched = None
+        if batch is not None:  # every request of an overlapped decode batch has one token on the device
+            inflight_tokens = 1 if prev is not None and not self.is_embedding else 0
+            launched = (batch, self.launch_batch(batch, inflight_tokens))
+        self.inflight = launched
         if prev is not None:  # while `batch` runs
             self.process_batch_result(*prev)
         return batch is not None or prev is not None
 
     def can_overlap(self, prev: ScheduleBatch) -> bool:
-        """Whether the next step can be formed before `prev`'s results are processed: it is then a decode
-        step of exactly `prev`'s requests, and nothing it needs from the host depends on those results."""
+        """Whether the next step can be formed before `prev`'s results are processed. Embeddings: unless a
+        chunked input continues (its next chunk needs this one cached). Generation: the next step is then a
+        decode of exactly `prev`'s requests, and nothing it needs from the host depends on those results."""
+        if self.is_embedding:
+            return self.chunked_req is None
         if not prev.forward_mode.is_decode() or self.waiting_queue or self.chunked_req is not None:
             return False
         if any(r.sampling_params.uses_penalties for r in self.running_reqs):
@@ -315,7 +332,8 @@ class Scheduler:
     def get_new_batch_prefill(self) -> Optional[ScheduleBatch]:
         if not self.waiting_queue and self.chunked_req is None:
             return None
-        running = len(self.running_reqs)
+        # An overlapped embedding batch still holds its rows until its results are processed.
+        running = len(self.running_reqs) + (len(self.inflight[0].reqs) if self.inflight is not None else 0)
         if running >= self.max_running_requests and self.chunked_req is None:
             return None
         self.policy.sort(self.waiting_queue)
@@ -394,20 +412,23 @@ class Scheduler:
     # ------------------------------------------------------------------ running
     def run_batch(self, batch: ScheduleBatch) -> None:
         """Run one batch to the end: launch it, wait for its results, process them."""
-        if self.is_embedding:
-            self.run_embedding_batch(batch)
-            return
         self.process_batch_result(batch, self.launch_batch(batch))
 
-    def launch_batch(self, batch: ScheduleBatch, inflight_tokens: int = 0) -> GenerationBatchResult:
-        """Queue the batch's forward and sampling on the device; returns without waiting for them."""
-        result = self.runner.forward_batch_generation(batch.get_model_worker_batch(inflight_tokens))
+    def launch_batch(self, batch: ScheduleBatch, inflight_tokens: int = 0) -> BatchResult:
+        """Queue the batch's forward (and sampling) on the device; returns without waiting for them."""
+        mwb = batch.get_model_worker_batch(inflight_tokens)
+        if self.is_embedding:
+            result = self.runner.forward_batch_embedding_async(mwb)
+        else:
+            result = self.runner.forward_batch_generation(mwb)
         self.forward_ct += 1
         return result
 
-    def process_batch_result(self, batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+    def process_batch_result(self, batch: ScheduleBatch, result: BatchResult) -> None:
         out = result.host()  # waits for this batch's step (only)
-        if batch.forward_mode.is_extend():
+        if self.is_embedding:
+            self.process_embedding_result(batch, out)
+        elif batch.forward_mode.is_extend():
             self.process_prefill_result(batch, out)
         else:
             self.process_decode_result(batch, out)
@@ -458,10 +479,8 @@ class Scheduler:
         self.running_reqs = [r for r in self.running_reqs if not r.finished()]
         self.stream_output(live)
 
-    def run_embedding_batch(self, batch: ScheduleBatch) -> None:
+    def process_embedding_result(self, batch: ScheduleBatch, embeddings: torch.Tensor) -> None:
         """Prefill, pool, finish: every request but a still-chunked one is done after this step."""
-        embeddings = self.runner.forward_batch_embedding(batch.get_model_worker_batch()).cpu()
-        self.forward_ct += 1
         for i, req in enumerate(batch.reqs):
             if req is self.chunked_req:  # last-token pooling of a long input: its last chunk comes later
                 self.tree_cache.cache_unfinished_req(req, req.fill_ids)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -81,6 +81,36 @@ class HostSamplerOutput:
     top_logprobs_idx: Optional[List[List[int]]] = None
 
 
+class HostCopy:
+    """Device tensors copied to the host without waiting: into pinned memory behind a CUDA event on a GPU
+    (plain copies elsewhere); `wait()` blocks on that event only and returns the host tensors."""
+
+    def __init__(self, tensors: List[Optional[torch.Tensor]]) -> None:
+        on_gpu = any(t is not None and t.is_cuda for t in tensors)
+        self.tensors = [t.to("cpu", non_blocking=on_gpu) if t is not None else None for t in tensors]
+        self.done: Optional[torch.cuda.Event] = None
+        if on_gpu:
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def wait(self) -> List[Optional[torch.Tensor]]:
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+        return self.tensors
+
+
+@dataclass
+class EmbeddingBatchResult:
+    """One launched embedding step: its pooled vectors on their way to the host (see HostCopy)."""
+
+    embeddings: HostCopy
+
+    def host(self) -> torch.Tensor:
+        """[n, dim] float32 on the host; blocks until this step is done."""
+        return self.embeddings.wait()[0]
+
+
 @dataclass
 class GenerationBatchResult:
     """One launched step. Its device tensors are copied to the host asynchronously, right after sampling
@@ -90,25 +120,18 @@ class GenerationBatchResult:
     logits_output: LogitsProcessorOutput
     sampler_output: Optional[SamplerOutput]
     top_logprobs_nums: Optional[List[int]] = None
-    _copies: List[Optional[torch.Tensor]] = field(default_factory=list)
-    _copy_done: Optional[torch.cuda.Event] = None
+    _copy: Optional[HostCopy] = None
     _host: Optional[HostSamplerOutput] = None
 
     def start_host_copy(self) -> None:
         out = self.sampler_output
-        tensors = [out.next_token_ids, out.next_token_logprobs, out.top_logprobs_val, out.top_logprobs_idx]
-        on_gpu = out.next_token_ids.is_cuda
-        self._copies = [t.to("cpu", non_blocking=on_gpu) if t is not None else None for t in tensors]
-        if on_gpu:
-            self._copy_done = torch.cuda.Event()
-            self._copy_done.record()
+        self._copy = HostCopy([out.next_token_ids, out.next_token_logprobs, out.top_logprobs_val,
+                               out.top_logprobs_idx])
 
     def host(self) -> HostSamplerOutput:
         """The sampled tokens on the host; blocks until this step's copies (and so the step) are done."""
         if self._host is None:
-            if self._copy_done is not None:
-                self._copy_done.synchronize()
-            ids, logprobs, top_val, top_idx = (t.tolist() if t is not None else None for t in self._copies)
+            ids, logprobs, top_val, top_idx = (t.tolist() if t is not None else None for t in self._copy.wait())
             self._host = HostSamplerOutput(ids, logprobs)
             if top_val is not None:
                 self._host.top_logprobs_val, self._host.top_logprobs_idx = top_logprobs_to_lists(
@@ -224,6 +247,11 @@ class ModelRunner:
         result = GenerationBatchResult(logits_output, sampler_output, batch.top_logprobs_nums)
         result.start_host_copy()
         return result
+
+    @torch.inference_mode()
+    def forward_batch_embedding_async(self, batch: ModelWorkerBatch) -> EmbeddingBatchResult:
+        """forward_batch_embedding, its result copied to the host without waiting (see EmbeddingBatchResult)."""
+        return EmbeddingBatchResult(HostCopy([self.forward_batch_embedding(batch)]))
 
     @torch.inference_mode()
     def forward_batch_embedding(self, batch: ModelWorkerBatch) -> torch.Tensor:

@@ -17,9 +17,9 @@ What bounds a prefill batch in the scheduler (PrefillAdder), in both modes:
     to let the skip mode use the memory it saves;
   * KV slots: page-rounded input + one page per request must fit in the free slots (embedding requests
     reserve no decode tokens); --max-running-requests rows.
-  skip:  max_total_num_tokens is still profiled from free memory / KV bytes per token, but it is bookkeeping
-         only (0 bytes reserved): activations may use the whole card, so with a large --max-prefill-tokens
-         the bound is the slot count, or activation memory (a CUDA OOM in the scheduler) if that comes first.
+  skip:  max_total_num_tokens is --max-total-tokens as given (else profiled from free memory / KV bytes per
+         token), bookkeeping only (0 bytes reserved): activations may use the whole card, so with a large
+         --max-prefill-tokens the bound is the slot count, or activation memory (a CUDA OOM) if that comes first.
   cache: the pool holds mem_fraction_static of the free memory; activations get the rest, so the largest
          batch is the one whose activations fit beside the pool.
 """
@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="timed encodes of all inputs per Engine (median)")
     p.add_argument("--check-items", type=int, default=32, help="embeddings compared across modes")
     p.add_argument("--skip-largest-batch", action="store_true")
+    p.add_argument("--skip-encode", action="store_true", help="only the largest-batch search")
     p.add_argument("--largest-batch-request-len", type=int, default=4096)
     p.add_argument("--largest-batch-max-tokens", type=int, default=None, help="cap of the search")
     p.add_argument("--largest-batch-tol", type=float, default=0.05)
@@ -319,7 +320,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
               **device_info(torch.device(mode_server_args(args, args.modes[0]).device))}
     records: List[Dict[str, Any]] = []
     kept: Dict[str, torch.Tensor] = {}
-    parts = [("encode", m, sched) for sched in args.schedule for m in args.modes]
+    parts = [] if args.skip_encode else [("encode", m, sched) for sched in args.schedule for m in args.modes]
     parts += [] if args.skip_largest_batch else [("largest_batch", m, "overlap") for m in args.modes]
     for part, mode, sched in parts:  # every engine is gone before the in-process runners take the card
         print(f"== {part} [{mode}{'/sync' if sched == 'sync' else ''}]", flush=True)

@@ -135,3 +135,16 @@ def test_embedding_skip_kv_matches_cache_path_and_never_touches_pool(backend, mo
     cos = F.cosine_similarity(got, want, dim=-1)
     print(f"[{backend}] skip vs cache cosine: {cos.tolist()}")
     assert cos.min().item() >= 0.999
+
+
+def test_skip_kv_slot_budget_is_not_bounded_by_pool_memory():
+    """--max-total-tokens stands on the skip-KV path (its pool reserves nothing), while a real pool is capped
+    at what the card holds: 4M tokens of Qwen3-0.6B KV would be ~460 GB."""
+    kw = dict(is_embedding=True, disable_radix_cache=True, attention_backend="triton", max_total_tokens=4_000_000)
+    skip = make_runner(QWEN3_06B, **kw)
+    assert skip.skip_kv_cache and skip.max_total_num_tokens == 4_000_000
+    assert skip.token_to_kv_pool.mem_usage_bytes() == 0
+    del skip
+    torch.cuda.empty_cache()
+    cache = make_runner(QWEN3_06B, disable_embedding_skip_kv_cache=True, **kw)
+    assert cache.max_total_num_tokens < 1_000_000

@@ -186,7 +186,10 @@ class ModelRunner:
         sa, c = self.server_args, self.model_config
         max_tokens = self.profile_max_num_token()
         if sa.max_total_tokens is not None:
-            max_tokens = min(max_tokens, sa.max_total_tokens) if self.device.type == "cuda" else sa.max_total_tokens
+            # A real pool must fit the card. The skip-KV pool reserves nothing: its slot count is a batch-token
+            # budget only, so the user's number stands (activation memory is then what bounds a batch).
+            fits_anyway = self.device.type != "cuda" or self.skip_kv_cache
+            max_tokens = sa.max_total_tokens if fits_anyway else min(max_tokens, sa.max_total_tokens)
         max_tokens = max_tokens // self.page_size * self.page_size
         if max_tokens < 2 * self.page_size:
             raise RuntimeError(f"not enough memory for the KV cache: {max_tokens} tokens")

@@ -325,7 +325,7 @@ def tiny_scheduler(tmp_path, **kw) -> Scheduler:
 def run_all(s: Scheduler, reqs) -> dict:
     s.process_input(BatchTokenizedEmbeddingReqInput([TokenizedEmbeddingReqInput(r, None, ids) for r, ids in reqs]))
     first = s.forward_ct
-    while not (s.is_idle() and s.inflight is None):  # overlapped unless the scheduler was built without
+    while not s.is_idle():  # overlapped unless the scheduler was built without
         assert s.step() and not s.running_reqs, s.internal_state()
     out, steps = {}, s.forward_ct - first
     for m in s.send_to_tokenizer.msgs:
@@ -359,6 +359,11 @@ def test_scheduler_embedding_paths_agree_and_do_not_leak(tmp_path):
     tiny = [(f"t{i}", [100 + i, 7, 8]) for i in range(40)]
     got_tiny, steps = run_all(skip, tiny)
     assert steps == 3 and all(got_tiny[rid][1]["type"] == "length" for rid, _ in tiny)
+    # A launched step holds rows and slots until its results are processed: no flush (nor idle) before that.
+    skip.process_input(BatchTokenizedEmbeddingReqInput([TokenizedEmbeddingReqInput("f", None, [5, 6, 7])]))
+    assert skip.step() and skip.inflight is not None and not skip.waiting_queue
+    assert not skip.is_idle() and not skip.flush_cache().success
+    assert skip.step() and skip.is_idle() and skip.flush_cache().success
     # Radix cache + chunked prefill (allowed for last-token pooling of a decoder): the same vectors.
     cached = tiny_scheduler(tmp_path, max_total_tokens=2048, chunked_prefill_size=64, page_size=4)
     assert not cached.runner.skip_kv_cache and cached.internal_state()["kv_pool_bytes"] > 0

@@ -11,9 +11,10 @@ ids are read on the device (ModelRunner.last_token_ids), and step N's results ar
 A request that finishes on N's token has then run one step ahead: that token is dropped, and its KV slot
 (written by N+1, for N's token) goes back with the request's others. A step overlaps only when nothing it
 depends on is still on the device (`can_overlap`): the previous step is a decode, no request waits (a
-prefill needs the finished requests' memory and rows), no chunked prefill, no retraction, no penalties. Embedding steps overlap too: every request of one finishes with its
-prefill, so the next batch of waiting inputs can be formed and launched while the previous one runs (its
-rows and KV slots are counted as held until its results are processed).
+prefill needs the finished requests' memory and rows), no chunked prefill, no retraction, no penalties.
+Embedding steps overlap too: every request of one finishes with its prefill, so the next batch of waiting
+inputs can be formed and launched while the previous one runs (its rows and KV slots are counted as held
+until its results are processed).
 
 Embedding models: requests are prefill only (no decode, no sampling); each finishes right after its prefill,
 its KV is freed at once (or, on the skip-KV path, was never stored), and its pooled vector goes straight to
@@ -185,12 +186,14 @@ class Scheduler:
         }
 
     def is_idle(self) -> bool:
-        return not self.running_reqs and not self.waiting_queue and self.chunked_req is None
+        """Nothing waits, runs or is in flight (an overlapped step's results not processed yet)."""
+        return (not self.running_reqs and not self.waiting_queue and self.chunked_req is None
+                and self.inflight is None)
 
     # ------------------------------------------------------------------ loop
     def event_loop(self) -> None:
         while True:
-            self.recv_requests(block=self.is_idle() and self.inflight is None)
+            self.recv_requests(block=self.is_idle())
             if not self.step() and self.is_idle():
                 self.check_memory()
 

@@ -50,12 +50,8 @@ from sglx.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy, rese
 from sglx.srt.mem_cache.chunk_cache import ChunkCache
 from sglx.srt.mem_cache.radix_cache import RadixCache
 from sglx.srt.model_executor.forward_batch import ForwardMode
-from sglx.srt.model_executor.model_runner import (
-    EmbeddingBatchResult,
-    GenerationBatchResult,
-    HostSamplerOutput,
-    ModelRunner,
-)
+from sglx.srt.model_executor.batch_result import EmbeddingBatchResult, GenerationBatchResult, HostSamplerOutput
+from sglx.srt.model_executor.model_runner import ModelRunner
 from sglx.srt.sampling.sampling_params import SamplingParams
 from sglx.srt.server_args import ServerArgs
 from sglx.srt.utils import PortArgs, get_zmq_socket

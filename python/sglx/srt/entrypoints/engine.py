@@ -182,6 +182,7 @@ class Engine:
             self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         if not self.loop.is_closed():
             self.loop.close()
+        self.tokenizer_manager.close()
 
     def __enter__(self) -> "Engine":
         return self

@@ -71,13 +71,23 @@ class TokenizerManager:
         self.is_embedding: bool = bool(scheduler_info.get("is_embedding", server_args.is_embedding))
         self.embedding_normalized: bool = bool(scheduler_info.get("normalize", True))
         self.embedding_dim: Optional[int] = scheduler_info.get("embedding_dim")
-        ctx = zmq.asyncio.Context(2)
-        self.recv_from_detokenizer = get_zmq_socket(ctx, zmq.PULL, port_args.tokenizer_ipc, bind=True)
-        self.send_to_scheduler = get_zmq_socket(ctx, zmq.PUSH, port_args.scheduler_input_ipc, bind=False)
+        self.zmq_ctx = zmq.asyncio.Context(2)
+        self.recv_from_detokenizer = get_zmq_socket(self.zmq_ctx, zmq.PULL, port_args.tokenizer_ipc, bind=True)
+        self.send_to_scheduler = get_zmq_socket(self.zmq_ctx, zmq.PUSH, port_args.scheduler_input_ipc, bind=False)
         self.rid_to_state: Dict[str, ReqState] = {}
         self.pending_control: Deque[asyncio.Future] = deque()
         self._loop_task: Optional[asyncio.Task] = None
         self._token_text_cache: Dict[int, str] = {}
+
+    def close(self) -> None:
+        """Close the sockets and terminate the zmq context now. Left to the garbage collector, a context
+        whose sockets die in the same collection cycle can block forever in its __del__ (zmq_ctx_term waits
+        for sockets pyzmq no longer tracks): an in-process Engine's shutdown once hung a test run that way."""
+        if self.zmq_ctx.closed:
+            return
+        for sock in (self.recv_from_detokenizer, self.send_to_scheduler):
+            sock.close(linger=0)
+        self.zmq_ctx.term()
 
     # ------------------------------------------------------------------ background receive loop
     def _ensure_loop(self) -> None:

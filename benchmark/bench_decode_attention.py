@@ -20,25 +20,23 @@ from typing import Any, Dict, List
 
 import torch
 
+from sglx.bench_one_batch import copy_bandwidth
 from sglx.srt.layers.attention.triton_ops import decode_attention as da
 
 
-def time_call(fn, iters: int, graph: bool = False) -> float:
-    """Median seconds per call. graph=True captures `fn` in a CUDA graph and times replays, as decode runs in
-    the engine: Triton's host-side launch cost (tens of µs) would otherwise hide small kernels."""
+def time_call(fn, iters: int) -> float:
+    """Median seconds per call, `fn` captured in a CUDA graph and timed as replays, as decode runs in the
+    engine: Triton's host-side launch cost (tens of µs) would otherwise hide small kernels."""
     for _ in range(3):
         fn()
-    run = fn
-    if graph:
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
     for start, end in events:
         start.record()
-        run()
+        g.replay()
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
@@ -48,9 +46,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     dev = torch.device("cuda")
     num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
     heads, kv_heads, d = 32, 8, 128
-    copy = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    bw = 2 * copy.numel() / time_call(lambda: copy.clone(), 20)
-    copy = None  # noqa: F841 (frees the probe buffer)
+    bw = copy_bandwidth(dev, 1 << 30)
     records = []
     for bs in args.batch_sizes:
         n = bs * args.ctx
@@ -69,7 +65,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
             fn = lambda: da.decode_attention_fwd(q, k, v, o, indptr, indices, part_o, part_lse, d ** -0.5,  # noqa: E731
                                                  config=cfg)
             try:
-                t = time_call(fn, args.iters, graph=True)
+                t = time_call(fn, args.iters)
             except Exception as e:  # an impossible configuration (shared memory): recorded, not fatal
                 records.append({"bs": bs, "block_n": block_n, "warps": warps, "stages": stages, "factor": factor,
                                 "error": f"{type(e).__name__}: {str(e)[:120]}"})

@@ -40,7 +40,14 @@ import torch
 from sglx.bench_one_batch import device_info, sync
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_utils import GuardedEngine, append_jsonl, random_ids, resolve_tokenizer  # noqa: E402
+from engine_utils import (  # noqa: E402
+    GuardedEngine,
+    add_engine_args,
+    add_schedule_arg,
+    append_jsonl,
+    random_ids,
+    resolve_tokenizer,
+)
 from sglx.srt.configs.model_config import ModelConfig
 from sglx.srt.server_args import ServerArgs
 
@@ -277,11 +284,7 @@ def print_table(records: List[Dict[str, Any]], cosine: Optional[float], checked:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-path", default=os.path.join(HERE, "configs", "qwen3-0.6b"))
-    p.add_argument("--tokenizer-path", default=None, help="default: the model's, else a synthetic one")
-    p.add_argument("--load-format", default="dummy")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default=None)
+    add_engine_args(p, os.path.join(HERE, "configs", "qwen3-0.6b"))
     p.add_argument("--attention-backend", default=None, help="default: the server default")
     p.add_argument("--num-inputs", type=int, default=512)
     p.add_argument("--min-len", type=int, default=500)
@@ -292,8 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--mem-fraction-static", type=float, default=None)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--schedule", nargs="+", choices=["overlap", "sync"], default=["overlap"],
-                   help="scheduler modes timed per KV mode: overlap (the default) or sync (--disable-overlap-schedule)")
+    add_schedule_arg(p)
     p.add_argument("--warmup-inputs", type=int, default=16, help="inputs encoded (untimed) before timing")
     p.add_argument("--repeats", type=int, default=1, help="timed encodes of all inputs per Engine (median)")
     p.add_argument("--check-items", type=int, default=32, help="embeddings compared across modes")

@@ -33,7 +33,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_utils import GuardedEngine, append_jsonl, random_ids, resolve_tokenizer  # noqa: E402
+from engine_utils import (  # noqa: E402
+    GuardedEngine,
+    add_engine_args,
+    add_schedule_arg,
+    append_jsonl,
+    random_ids,
+    resolve_tokenizer,
+)
 
 from sglx import bench_one_batch as bob  # noqa: E402
 from sglx.srt.configs.model_config import ModelConfig  # noqa: E402
@@ -227,16 +234,11 @@ def print_table(records: List[Dict[str, Any]], probe: Dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-path", default=os.path.join(HERE, "configs", "llama-3.1-8b"))
-    p.add_argument("--tokenizer-path", default=None, help="default: the model's, else a synthetic one")
-    p.add_argument("--load-format", default="dummy")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default=None)
+    add_engine_args(p, os.path.join(HERE, "configs", "llama-3.1-8b"))
     p.add_argument("--attention-backend", nargs="+", default=[None],
                    help="one Engine per backend, in turn (default: the server default)")
     p.add_argument("--disable-cuda-graph", action="store_true")
-    p.add_argument("--schedule", nargs="+", choices=["overlap", "sync"], default=["overlap"],
-                   help="scheduler modes, one Engine each: overlap (the default) or sync (--disable-overlap-schedule)")
+    add_schedule_arg(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=257)

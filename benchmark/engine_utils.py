@@ -1,9 +1,10 @@
 """Engine helpers shared by the GPU benchmark scripts (bench_embedding.py, bench_roofline.py,
 bench_serving_backends.sh): a tokenizer for config-only model directories, an Engine whose calls cannot hang,
-random prompts and JSON-lines output."""
+random prompts, JSON-lines output and the command-line options every engine benchmark takes."""
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import json
@@ -20,6 +21,24 @@ from sglx.srt.configs.model_config import ModelConfig
 from sglx.srt.server_args import ServerArgs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+# ------------------------------------------------------------------------------------- options
+SCHEDULES = ("overlap", "sync")  # sync: --disable-overlap-schedule
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_path: str) -> None:
+    """The model and device options of an engine benchmark (dummy bf16 weights of `model_path` by default)."""
+    p.add_argument("--model-path", default=model_path)
+    p.add_argument("--tokenizer-path", default=None, help="default: the model's, else a synthetic one")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None)
+
+
+def add_schedule_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--schedule", nargs="+", choices=SCHEDULES, default=["overlap"],
+                   help="scheduler modes, one Engine each: overlap (the default) or sync (--disable-overlap-schedule)")
 
 
 # ------------------------------------------------------------------------------------- engine helpers

@@ -152,6 +152,13 @@ class Req:
         return f"Req(rid={self.rid}, input={len(self.origin_input_ids)}, output={len(self.output_ids)})"
 
 
+def decode_tokens_needed(reqs: List[Req], page_size: int) -> int:
+    """KV slots one decode step of `reqs` takes: one each, or a fresh page where the last one is full."""
+    if page_size == 1:
+        return len(reqs)
+    return sum(page_size for r in reqs if r.kv_len % page_size == 0)
+
+
 class ScheduleBatch:
     """The requests of one forward step and the KV slots their new tokens go to."""
 
@@ -196,10 +203,7 @@ class ScheduleBatch:
 
     # ---------------------------------------------------------------- decode
     def decode_tokens_needed(self) -> int:
-        page = self.ctx.page_size
-        if page == 1:
-            return len(self.reqs)
-        return sum(page for r in self.reqs if r.kv_len % page == 0)
+        return decode_tokens_needed(self.reqs, self.ctx.page_size)
 
     def prepare_for_decode(self) -> None:
         """One KV slot per request for its newest token, whose id the host may not know yet: the input ids

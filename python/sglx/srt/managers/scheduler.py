@@ -45,12 +45,19 @@ from sglx.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
 )
 from sglx.srt.layers.pooler import PoolingType, resolve_pooling_config
-from sglx.srt.managers.schedule_batch import BatchContext, Req, ScheduleBatch, finish_abort, finish_length
+from sglx.srt.managers.schedule_batch import (
+    BatchContext,
+    Req,
+    ScheduleBatch,
+    decode_tokens_needed,
+    finish_abort,
+    finish_length,
+)
 from sglx.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy, reserved_decode_tokens
 from sglx.srt.mem_cache.chunk_cache import ChunkCache
 from sglx.srt.mem_cache.radix_cache import RadixCache
-from sglx.srt.model_executor.forward_batch import ForwardMode
 from sglx.srt.model_executor.batch_result import EmbeddingBatchResult, GenerationBatchResult, HostSamplerOutput
+from sglx.srt.model_executor.forward_batch import ForwardMode
 from sglx.srt.model_executor.model_runner import ModelRunner
 from sglx.srt.sampling.sampling_params import SamplingParams
 from sglx.srt.server_args import ServerArgs
@@ -225,8 +232,8 @@ class Scheduler:
             return False
         if any(r.sampling_params.uses_penalties for r in self.running_reqs):
             return False
-        need = ScheduleBatch(self.running_reqs, ForwardMode.DECODE, self.ctx).decode_tokens_needed()
-        return need <= self.ctx.available_tokens()  # no retraction
+        # No retraction: the running requests' next KV slots are free or evictable.
+        return decode_tokens_needed(self.running_reqs, self.page_size) <= self.ctx.available_tokens()
 
     def recv_requests(self, block: bool) -> None:
         timeout = None if block else 0

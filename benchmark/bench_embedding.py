@@ -155,6 +155,39 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
+def run_forward(runner: Any, lens: List[int], gen: torch.Generator, keep_slots: bool = False) -> float:
+    """One embedding forward of requests of `lens` tokens (random ids), with rows and KV slots taken from the
+    runner's pools as the scheduler would; returns its wall seconds. The rows and slots are released unless
+    keep_slots."""
+    from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
+
+    pool, alloc = runner.req_to_token_pool, runner.token_to_kv_pool_allocator
+    tokens = sum(lens)
+    rows = [pool.alloc() for _ in lens]
+    if any(row is None for row in rows):
+        raise RuntimeError(f"ReqToTokenPool has fewer than {len(lens)} rows")
+    loc = alloc.alloc_extend([0] * len(lens), lens, [-1] * len(lens), tokens)
+    if loc is None:
+        raise RuntimeError(f"the allocator has fewer than {tokens} free KV slots")
+    off = 0
+    for row, n in zip(rows, lens):
+        pool.write(row, 0, loc[off: off + n])
+        off += n
+    ids = torch.randint(0, runner.model_config.vocab_size, (tokens,), generator=gen).tolist()
+    batch = ModelWorkerBatch(ForwardMode.EXTEND, ids, rows, lens, [0] * len(lens), loc, is_embedding=True)
+    sync(runner.device)
+    t0 = time.perf_counter()
+    out = runner.forward_batch_embedding(batch)
+    sync(runner.device)
+    wall = time.perf_counter() - t0
+    if tuple(out.shape) != (len(lens), runner.model_config.hidden_size):
+        raise RuntimeError(f"embedding batch of shape {tuple(out.shape)} for {len(lens)} requests")
+    if not keep_slots:
+        runner.req_to_token_pool.clear()
+        runner.token_to_kv_pool_allocator.clear()
+    return wall
+
+
 class PrefillTrial:
     """fits(tokens): one embedding forward of `tokens` tokens (requests of req_len, the last shorter) on a
     ModelRunner, with rows and KV slots taken from its pools as the scheduler would; False on CUDA OOM."""
@@ -169,30 +202,7 @@ class PrefillTrial:
         return [self.req_len] * full + ([rest] if rest else [])
 
     def _forward(self, tokens: int) -> float:
-        from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
-
-        r = self.runner
-        pool, alloc = r.req_to_token_pool, r.token_to_kv_pool_allocator
-        lens = self.lengths(tokens)
-        rows = [pool.alloc() for _ in lens]
-        if any(row is None for row in rows):
-            raise RuntimeError(f"ReqToTokenPool has fewer than {len(lens)} rows")
-        loc = alloc.alloc_extend([0] * len(lens), lens, [-1] * len(lens), tokens)
-        if loc is None:
-            raise RuntimeError(f"the allocator has fewer than {tokens} free KV slots")
-        off = 0
-        for row, n in zip(rows, lens):
-            pool.write(row, 0, loc[off: off + n])
-            off += n
-        ids = torch.randint(0, r.model_config.vocab_size, (tokens,), generator=self.gen).tolist()
-        batch = ModelWorkerBatch(ForwardMode.EXTEND, ids, rows, lens, [0] * len(lens), loc, is_embedding=True)
-        sync(r.device)
-        t0 = time.perf_counter()
-        out = r.forward_batch_embedding(batch)
-        sync(r.device)
-        if tuple(out.shape) != (len(lens), r.model_config.hidden_size):
-            raise RuntimeError(f"embedding batch of shape {tuple(out.shape)} for {len(lens)} requests")
-        return time.perf_counter() - t0
+        return run_forward(self.runner, self.lengths(tokens), self.gen)
 
     def __call__(self, tokens: int) -> bool:
         cuda = self.runner.device.type == "cuda"
@@ -219,15 +229,26 @@ class PrefillTrial:
         return trial["ok"]
 
 
-def largest_batch_mode(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
+def build_mode_runner(args: argparse.Namespace, mode: str) -> Any:
+    """A ModelRunner with the scheduler's effective arguments for `mode`."""
     from sglx.srt.managers.scheduler import embedding_server_args
     from sglx.srt.model_executor.model_runner import ModelRunner
 
     sa = mode_server_args(args, mode)
     cfg = ModelConfig.from_path(sa.model_path, dtype=sa.dtype, context_length=sa.context_length,
                                 is_embedding=True, device=sa.device)
-    sa = embedding_server_args(sa, cfg)  # the scheduler's effective arguments
-    runner = ModelRunner(cfg, sa)
+    return ModelRunner(cfg, embedding_server_args(sa, cfg))
+
+
+def release_runner(runner: Any) -> None:
+    del runner
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def largest_batch_mode(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
+    runner = build_mode_runner(args, mode)
     try:
         caps = {"kv_slots": runner.max_total_num_tokens - runner.page_size,
                 "rows": runner.max_running_requests * args.largest_batch_request_len}
@@ -246,10 +267,67 @@ def largest_batch_mode(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
                 "first_fail_tokens": res.first_fail, "bound": "oom" if res.first_fail else f"cap:{cap_by}",
                 "cap_tokens": caps[cap_by], "trials": trial.trials}
     finally:
-        del runner
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_runner(runner)
+
+
+# ------------------------------------------------------------------------------------- forwards only
+def pack_batches(lengths: Sequence[int], budget: int) -> List[List[int]]:
+    """The workload in submission order, cut into batches of at most `budget` tokens the way the scheduler's
+    PrefillAdder fills them (an input longer than the budget runs alone)."""
+    batches: List[List[int]] = []
+    for n in lengths:
+        if batches and sum(batches[-1]) + n <= budget:
+            batches[-1].append(n)
+        else:
+            batches.append([n])
+    return batches
+
+
+def forward_flops(runner: Any, lens: Sequence[int]) -> int:
+    """2 x tokens x the layers' matmul parameters (no lm_head: embeddings) + attention (QK^T and PV; the
+    lower triangle for causal models, the full square for encoders)."""
+    cfg = runner.model_config
+    params = sum(p.numel() for name, p in runner.model.named_parameters()
+                 if p.dim() == 2 and ".layers." in f".{name}" and "norm" not in name)
+    square = sum(n * n for n in lens) * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    return 2 * sum(lens) * params + (4 if cfg.is_encoder_only else 2) * square
+
+
+def forwards_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]]) -> Dict[str, Any]:
+    """The model runner alone on the whole workload: every batch the scheduler would form, forward by forward
+    (synchronized), so the Engine's items/s can be read against its forward time. Then one forward of the
+    first batch under torch.profiler: its kernels by device time."""
+    from sglx.bench_one_batch import _device_table, matmul_rate
+
+    runner = build_mode_runner(args, mode)
+    try:
+        gen = torch.Generator().manual_seed(args.seed)
+        batches = pack_batches([len(x) for x in inputs], runner.server_args.max_prefill_tokens)
+        for lens in batches[:2]:  # warm-up
+            run_forward(runner, lens, gen)
+        walls = [run_forward(runner, lens, gen) for lens in batches]
+        flops = sum(forward_flops(runner, lens) for lens in batches)
+        total = sum(walls)
+        rec: Dict[str, Any] = {"part": "forwards", "mode": mode, "skip_kv_cache": runner.skip_kv_cache,
+                               "batches": len(batches), "forward_s": total, "items_per_s": len(inputs) / total,
+                               "tokens_per_s": sum(map(len, inputs)) / total, "tflops": flops / total / 1e12}
+        if runner.device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            rec["matmul_probe_tflops"] = matmul_rate(runner.device, 8192) / 1e12
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                rec["profiled_wall_s"] = run_forward(runner, batches[0], gen)
+            gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            rec.update(profiled_tokens=sum(batches[0]), profiled_gpu_ops=len(gpu),
+                       profiled_gpu_s=sum(e.time_range.elapsed_us() for e in gpu) / 1e6)
+            print(f"[{mode}] one forward of {rec['profiled_tokens']} tokens: wall {rec['profiled_wall_s'] * 1e3:.2f} "
+                  f"ms (profiler on), {len(gpu)} GPU ops, {rec['profiled_gpu_s'] * 1e3:.2f} ms GPU time\n"
+                  + _device_table(prof.key_averages(), args.profile_top), flush=True)
+        print(f"[{mode}] forwards only: {len(batches)} batches in {total:.3f} s, {rec['items_per_s']:.2f} items/s, "
+              f"{rec['tflops']:.0f} TFLOP/s", flush=True)
+        return rec
+    finally:
+        release_runner(runner)
 
 
 # ------------------------------------------------------------------------------------- report and main
@@ -273,6 +351,10 @@ def print_table(records: List[Dict[str, Any]], cosine: Optional[float], checked:
         print(f"{mode:10} {str(src.get('skip_kv_cache', '-')):>7} {fmt('items_per_s', '.2f'):>9} "
               f"{fmt('tokens_per_s', '.0f'):>11} {fmt('wall_s', '.2f'):>8} {pool:>11} "
               f"{str(src.get('max_total_num_tokens', '-')):>10} {largest:>28}")
+    for r in records:
+        if r["part"] == "forwards" and "error" not in r:
+            print(f"forwards only [{r['mode']}]: {r['batches']} batches in {r['forward_s']:.2f} s, "
+                  f"{r['items_per_s']:.2f} items/s, {r['tokens_per_s']:.0f} tok/s, {r['tflops']:.0f} TFLOP/s")
     for r in records:
         if "error" in r or "warning" in r:
             print(f"{r['part']} {r['mode']}: {r.get('error') or r.get('warning')}")
@@ -301,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-items", type=int, default=32, help="embeddings compared across modes")
     p.add_argument("--skip-largest-batch", action="store_true")
     p.add_argument("--skip-encode", action="store_true", help="only the largest-batch search")
+    p.add_argument("--forwards", action="store_true",
+                   help="also time the model runner alone on the workload's batches and profile one forward")
+    p.add_argument("--profile-top", type=int, default=25, help="kernels listed by --forwards")
     p.add_argument("--largest-batch-request-len", type=int, default=4096)
     p.add_argument("--largest-batch-max-tokens", type=int, default=None, help="cap of the search")
     p.add_argument("--largest-batch-tol", type=float, default=0.05)
@@ -323,11 +408,13 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     records: List[Dict[str, Any]] = []
     kept: Dict[str, torch.Tensor] = {}
     parts = [] if args.skip_encode else [("encode", m, sched) for sched in args.schedule for m in args.modes]
+    parts += [("forwards", m, "overlap") for m in args.modes] if args.forwards else []
     parts += [] if args.skip_largest_batch else [("largest_batch", m, "overlap") for m in args.modes]
     for part, mode, sched in parts:  # every engine is gone before the in-process runners take the card
         print(f"== {part} [{mode}{'/sync' if sched == 'sync' else ''}]", flush=True)
         try:
             rec = (encode_mode(args, mode, inputs, keep, sched) if part == "encode"
+                   else forwards_mode(args, mode, inputs) if part == "forwards"
                    else largest_batch_mode(args, mode))
         except Exception as e:
             import traceback

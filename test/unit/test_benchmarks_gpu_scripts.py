@@ -116,6 +116,26 @@ def test_largest_batch_recovers_from_oom_and_frees_the_pools(qwen3_dir, monkeypa
         assert rec["kv_pool_bytes"] == (0 if skip else (rec["max_total_num_tokens"] + 1) * KV_BYTES)
 
 
+def test_pack_batches_fills_like_the_prefill_adder():
+    assert be.pack_batches([5, 6, 4, 20, 1, 1], 10) == [[5], [6, 4], [20], [1, 1]]
+    assert be.pack_batches([], 10) == []
+
+
+def test_forwards_mode_times_every_batch_and_counts_flops(qwen3_dir):
+    args = be.build_parser().parse_args(["--model-path", qwen3_dir, "--max-total-tokens", "4096",
+                                         "--max-prefill-tokens", "100"])
+    args.tokenizer_path = None
+    inputs = be.make_inputs(9, 20, 60, VOCAB, 0)
+    lens = [len(x) for x in inputs]
+    rec = be.forwards_mode(args, "skip", inputs)
+    assert rec["batches"] == len(be.pack_batches(lens, 100)) > 1
+    assert rec["items_per_s"] == pytest.approx(9 / rec["forward_s"])
+    # by hand: q,k,v,o + gate,up,down per layer (the norms are vectors), causal attention over each input
+    layer = H * (HEADS + 2 * KV_HEADS) * HEAD_DIM + HEADS * HEAD_DIM * H + 3 * H * INTER
+    flops = 2 * sum(lens) * LAYERS * layer + 2 * sum(n * n for n in lens) * HEADS * HEAD_DIM * LAYERS
+    assert rec["tflops"] == pytest.approx(flops / rec["forward_s"] / 1e12)
+
+
 def test_bench_embedding_end_to_end(qwen3_dir, tmp_path):
     out = tmp_path / "emb.jsonl"
     n, lo, hi = 10, 5, 60

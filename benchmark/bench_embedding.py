@@ -101,6 +101,8 @@ def encode_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]],
             outs = eng.encode(inputs)
             walls.append(time.perf_counter() - t0)
         wall = statistics.median(walls)
+        if args.trace_steps:
+            rec["trace"] = traced_encode(eng, inputs, args.trace_steps, args.trace_dir)
         info = eng.server_info()
     finally:
         eng.shutdown()
@@ -115,6 +117,22 @@ def encode_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]],
         rec["warning"] = f"mode {mode} but the engine reports skip_kv_cache={info['skip_kv_cache']}"
     rec["_kept"] = torch.tensor([outs[i]["embedding"] for i in keep], dtype=torch.float32)
     return rec
+
+
+def traced_encode(eng: GuardedEngine, inputs: List[List[int]], steps: int, out_dir: Optional[str]) -> Dict[str, Any]:
+    """One more (untimed) encode of every input with the scheduler's profiler on for its first `steps`
+    batches; the trace's GPU idle gaps, charged to the scheduler's phases (trace_gaps.py)."""
+    from trace_gaps import format_summary, load_trace, summarize
+
+    path = eng.engine.start_profile(output_dir=out_dir, num_steps=steps)
+    eng.encode(inputs)
+    try:
+        eng.engine.stop_profile()  # fewer batches than `steps`: stop by hand
+    except RuntimeError:
+        pass  # the span ended by itself
+    summary = {"trace_path": path, **summarize(load_trace(path))}
+    print(format_summary(summary), flush=True)
+    return summary
 
 
 def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -155,10 +173,12 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
-def run_forward(runner: Any, lens: List[int], gen: torch.Generator, keep_slots: bool = False) -> float:
+def run_forward(runner: Any, lens: List[int], gen: torch.Generator, keep_slots: bool = False,
+                launch_times: Optional[List[float]] = None) -> float:
     """One embedding forward of requests of `lens` tokens (random ids), with rows and KV slots taken from the
     runner's pools as the scheduler would; returns its wall seconds. The rows and slots are released unless
-    keep_slots."""
+    keep_slots. `launch_times` gets the seconds until the forward returned to the host, before the sync: when
+    that is close to the wall time, the host's launches, not the GPU, set the pace."""
     from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
 
     pool, alloc = runner.req_to_token_pool, runner.token_to_kv_pool_allocator
@@ -178,6 +198,8 @@ def run_forward(runner: Any, lens: List[int], gen: torch.Generator, keep_slots: 
     sync(runner.device)
     t0 = time.perf_counter()
     out = runner.forward_batch_embedding(batch)
+    if launch_times is not None:
+        launch_times.append(time.perf_counter() - t0)
     sync(runner.device)
     wall = time.perf_counter() - t0
     if tuple(out.shape) != (len(lens), runner.model_config.hidden_size):
@@ -305,11 +327,13 @@ def forwards_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]]) 
         batches = pack_batches([len(x) for x in inputs], runner.server_args.max_prefill_tokens)
         for lens in batches[:2]:  # warm-up
             run_forward(runner, lens, gen)
-        walls = [run_forward(runner, lens, gen) for lens in batches]
+        launches: List[float] = []
+        walls = [run_forward(runner, lens, gen, launch_times=launches) for lens in batches]
         flops = sum(forward_flops(runner, lens) for lens in batches)
         total = sum(walls)
         rec: Dict[str, Any] = {"part": "forwards", "mode": mode, "skip_kv_cache": runner.skip_kv_cache,
-                               "batches": len(batches), "forward_s": total, "items_per_s": len(inputs) / total,
+                               "batches": len(batches), "forward_s": total, "launch_s": sum(launches),
+                               "items_per_s": len(inputs) / total,
                                "tokens_per_s": sum(map(len, inputs)) / total, "tflops": flops / total / 1e12}
         if runner.device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
@@ -323,8 +347,8 @@ def forwards_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]]) 
             print(f"[{mode}] one forward of {rec['profiled_tokens']} tokens: wall {rec['profiled_wall_s'] * 1e3:.2f} "
                   f"ms (profiler on), {len(gpu)} GPU ops, {rec['profiled_gpu_s'] * 1e3:.2f} ms GPU time\n"
                   + _device_table(prof.key_averages(), args.profile_top), flush=True)
-        print(f"[{mode}] forwards only: {len(batches)} batches in {total:.3f} s, {rec['items_per_s']:.2f} items/s, "
-              f"{rec['tflops']:.0f} TFLOP/s", flush=True)
+        print(f"[{mode}] forwards only: {len(batches)} batches in {total:.3f} s (host launches {sum(launches):.3f} s), "
+              f"{rec['items_per_s']:.2f} items/s, {rec['tflops']:.0f} TFLOP/s", flush=True)
         return rec
     finally:
         release_runner(runner)
@@ -353,7 +377,8 @@ def print_table(records: List[Dict[str, Any]], cosine: Optional[float], checked:
               f"{str(src.get('max_total_num_tokens', '-')):>10} {largest:>28}")
     for r in records:
         if r["part"] == "forwards" and "error" not in r:
-            print(f"forwards only [{r['mode']}]: {r['batches']} batches in {r['forward_s']:.2f} s, "
+            print(f"forwards only [{r['mode']}]: {r['batches']} batches in {r['forward_s']:.2f} s "
+                  f"(host launches {r['launch_s']:.2f} s), "
                   f"{r['items_per_s']:.2f} items/s, {r['tokens_per_s']:.0f} tok/s, {r['tflops']:.0f} TFLOP/s")
     for r in records:
         if "error" in r or "warning" in r:
@@ -381,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-inputs", type=int, default=16, help="inputs encoded (untimed) before timing")
     p.add_argument("--repeats", type=int, default=1, help="timed encodes of all inputs per Engine (median)")
     p.add_argument("--check-items", type=int, default=32, help="embeddings compared across modes")
+    p.add_argument("--trace-steps", type=int, default=0,
+                   help="after the timed encodes, profile this many batches of one more encode (trace_gaps.py)")
+    p.add_argument("--trace-dir", default=None, help="where the traces go (default: $SGLX_TORCH_PROFILER_DIR or /tmp)")
     p.add_argument("--skip-largest-batch", action="store_true")
     p.add_argument("--skip-encode", action="store_true", help="only the largest-batch search")
     p.add_argument("--forwards", action="store_true",

@@ -116,3 +116,27 @@ def test_info_endpoints(server):
     assert requests.post(server.url("/flush_cache"), timeout=30).status_code == 200
     state = server.server_info()["internal_state"]
     assert state["available_kv_tokens"] == state["max_total_num_tokens"]  # flushed: all free
+
+
+def test_start_and_stop_profile(server, tmp_path):
+    import gzip
+
+    bad = [b"{", b"[1]", json.dumps({"num_steps": "2"}).encode(), json.dumps({"num_steps": True}).encode(),
+           json.dumps({"foo": 1}).encode(), json.dumps({"activities": [1]}).encode(),
+           json.dumps({"activities": ["TPU"]}).encode()]
+    for body in bad:
+        r = requests.post(server.url("/start_profile"), data=body, timeout=30)
+        assert r.status_code == 400, body
+    assert requests.post(server.url("/stop_profile"), timeout=30).status_code == 400  # nothing started
+    r = requests.post(server.url("/start_profile"), json={"output_dir": str(tmp_path), "activities": ["CPU"]},
+                      timeout=30)
+    assert r.status_code == 200 and str(tmp_path) in r.text
+    assert requests.post(server.url("/start_profile"), timeout=30).status_code == 400  # already running
+    generate(server, {"text": "Profile me", "sampling_params": {"max_new_tokens": 3, **GREEDY}})
+    r = requests.post(server.url("/stop_profile"), timeout=300)
+    assert r.status_code == 200
+    (trace,) = tmp_path.glob("sglx-*.trace.json.gz")
+    with gzip.open(trace, "rt") as f:
+        names = {e.get("name") for e in json.load(f)["traceEvents"]}
+    assert {"sglx::launch_batch", "sglx::process_result"} <= names
+    assert generate(server, {"text": "Still serving", "sampling_params": {"max_new_tokens": 2}})["text"]

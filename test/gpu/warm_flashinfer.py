@@ -39,9 +39,15 @@ torch.cuda.synchronize()
 """
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    """Arguments (optional): only the jobs named KERNEL:OP:HEAD_DIM, e.g. fa3:prefill:128 sampling:all:0."""
+    wanted = set(sys.argv[1:] if argv is None else argv)
+    jobs = [job for job in JOBS if not wanted or ":".join(map(str, job)) in wanted]
+    if wanted and len(jobs) != len(wanted):
+        print(f"unknown jobs; choose from {[':'.join(map(str, j)) for j in JOBS]}", file=sys.stderr)
+        return 2
     t0 = time.time()
-    procs = [(job, subprocess.Popen([sys.executable, "-c", CHILD, *map(str, job)])) for job in JOBS]
+    procs = [(job, subprocess.Popen([sys.executable, "-c", CHILD, *map(str, job)])) for job in jobs]
     failed = 0
     for job, p in procs:
         rc = p.wait()

@@ -275,3 +275,49 @@ def test_bench_sampling_without_flashinfer_times_pytorch_and_says_why(tmp_path, 
     assert [r["backend"] for r in report["results"]] == ["pytorch"]
     assert "flashinfer-python" in report["errors"]["flashinfer"]
     assert "flashinfer: not run" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ trace_gaps
+def test_trace_gaps_charges_idle_gpu_time_to_the_scheduler_phases():
+    import trace_gaps as tg
+
+    def x(name, cat, ts, dur):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur}
+
+    events = [
+        x("k1", "kernel", 0, 100), x("k2", "kernel", 50, 100),  # overlapping: busy 0..150
+        x("m", "gpu_memcpy", 160, 40),  # a 10 us gap: under the threshold
+        x("k3", "kernel", 300, 100),  # 100 us idle: 200..300
+        x("k4", "kernel", 1000, 100),  # 600 us idle: 400..1000
+        x("sglx::launch_batch", "user_annotation", 180, 50), x("sglx::launch_batch", "user_annotation", 950, 30),
+        x("sglx::process_result", "user_annotation", 500, 300),
+        x("aten::mm", "cpu_op", 0, 2000), {"ph": "i", "name": "marker", "ts": 5},
+    ]
+    s = tg.summarize(events, min_gap_us=20)
+    assert s["window_ms"] == pytest.approx(1.1) and s["gpu_busy_ms"] == pytest.approx(0.39)
+    assert s["gaps"] == 2 and s["gap_idle_ms"] == pytest.approx(0.7)
+    assert s["idle_ms_by_phase"] == {"sglx::process_result": 0.3, "sglx::launch_batch": 0.06}
+    assert [g["idle_us"] for g in s["largest_gaps"]] == [600, 100]
+    assert s["largest_gaps"][1]["phases_us"] == {"sglx::launch_batch": 30.0}
+    assert s["steps"] == 2 and s["ms_per_step"] == pytest.approx(0.77)
+    assert "GPU busy 0.39 of 1.10 ms" in tg.format_summary(s)
+    assert tg.summarize([x("a", "cpu_op", 0, 5)]) == {"gpu_events": 0}
+
+
+def test_trace_gaps_reads_a_real_scheduler_trace(tmp_path):
+    """The CPU scheduler's own trace, gzipped, through the command line (no GPU events on a CPU run)."""
+    import trace_gaps as tg
+    from sglx.srt.managers.io_struct import ProfileReq
+    from sglx.test.scheduler_utils import make_scheduler, run_until_idle, submit
+
+    s = make_scheduler(tmp_path)
+    s.process_input(ProfileReq("start", output_dir=str(tmp_path), activities=["CPU"]))
+    assert s.send_to_tokenizer.msgs.pop().success
+    submit(s, "a", [5, 6, 7], 3)
+    run_until_idle(s)
+    s.process_input(ProfileReq("stop"))
+    path = s.send_to_tokenizer.msgs[-1].trace_path
+    events = tg.load_trace(path)
+    assert any(e.get("name") == "sglx::launch_batch" for e in events)
+    assert tg.summarize(events) == {"gpu_events": 0}
+    assert tg.main([path]) == 0

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
-from sglx.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput
+from sglx.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput, ProfileReq
 from sglx.srt.server_args import ServerArgs
 from sglx.srt.utils import PortArgs, kill_processes
 
@@ -165,6 +165,24 @@ class Engine:
 
     def flush_cache(self) -> bool:
         return self._run(self.tokenizer_manager.flush_cache()).success
+
+    def start_profile(self, output_dir: Optional[str] = None, num_steps: Optional[int] = None,
+                      activities: Optional[List[str]] = None, record_shapes: bool = False,
+                      with_stack: bool = False) -> str:
+        """Start the scheduler's torch profiler; returns the trace path it will write (see
+        managers/scheduler_profiler.py). With num_steps it stops by itself after that many batches."""
+        return self._profile(ProfileReq("start", output_dir, num_steps, activities, record_shapes, with_stack))
+
+    def stop_profile(self) -> str:
+        """Stop the profiler and write its trace; returns the trace path."""
+        return self._profile(ProfileReq("stop"))
+
+    def _profile(self, req: ProfileReq) -> str:
+        self._check_alive()
+        res = self._run(self.tokenizer_manager.profile(req))
+        if not res.success:
+            raise RuntimeError(res.message)
+        return res.trace_path
 
     def get_server_info(self) -> Dict[str, Any]:
         state = self._run(self.tokenizer_manager.get_internal_state())

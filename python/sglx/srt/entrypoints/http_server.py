@@ -18,7 +18,7 @@ from sglx.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from sglx.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from sglx.srt.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from sglx.srt.entrypoints.openai.utils import models_response
-from sglx.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput
+from sglx.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput, ProfileReq, ProfileReqOutput
 from sglx.srt.managers.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,28 @@ async def read_json(request: Request) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise ValueError(f"malformed JSON body: {e}") from None
+
+
+_PROFILE_FIELDS = {"output_dir": str, "num_steps": int, "activities": list, "record_shapes": bool, "with_stack": bool}
+
+
+def profile_request(body: Any) -> ProfileReq:
+    """A /start_profile body as a ProfileReq; ValueError names what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    for key, value in body.items():
+        kind = _PROFILE_FIELDS.get(key)
+        if kind is None:
+            raise ValueError(f"unknown field {key!r}; expected some of {sorted(_PROFILE_FIELDS)}")
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise ValueError(f"{key} must be a {kind.__name__}")
+    if not all(isinstance(a, str) for a in body.get("activities") or []):
+        raise ValueError("activities must be a list of strings")
+    return ProfileReq("start", **{k: v for k, v in body.items() if v is not None})
+
+
+def profile_response(res: ProfileReqOutput) -> Response:
+    return PlainTextResponse(res.message + "\n", status_code=200 if res.success else 400)
 
 
 def json_response(obj: Any) -> Response:
@@ -101,6 +123,20 @@ def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
     async def flush_cache() -> Response:
         res = await tm.flush_cache()
         return PlainTextResponse(res.message, status_code=200 if res.success else 400)
+
+    @app.api_route("/start_profile", methods=["GET", "POST"])
+    async def start_profile(request: Request) -> Response:
+        """Optional JSON body: output_dir, num_steps, activities (["CPU", "GPU"]), record_shapes, with_stack."""
+        try:
+            body = await read_json(request) if await request.body() else {}
+            req = profile_request(body)
+        except ValueError as e:
+            return error_response(str(e))
+        return profile_response(await tm.profile(req))
+
+    @app.api_route("/stop_profile", methods=["GET", "POST"])
+    async def stop_profile() -> Response:
+        return profile_response(await tm.profile(ProfileReq("stop")))
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:

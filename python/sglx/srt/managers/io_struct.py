@@ -203,6 +203,25 @@ class GetInternalStateReq:
 
 
 @dataclass
+class ProfileReq:
+    """Start or stop the scheduler's torch profiler (see managers/scheduler_profiler.py)."""
+
+    action: str  # "start" | "stop"
+    output_dir: Optional[str] = None  # default: $SGLX_TORCH_PROFILER_DIR, else /tmp
+    num_steps: Optional[int] = None  # stop by itself after this many steps that ran a batch
+    activities: Optional[List[str]] = None  # "CPU", "GPU" (default both)
+    record_shapes: bool = False
+    with_stack: bool = False
+
+
+@dataclass
+class ProfileReqOutput:
+    success: bool
+    message: str = ""
+    trace_path: Optional[str] = None
+
+
+@dataclass
 class GetInternalStateReqOutput:
     state: Dict[str, Any]
 

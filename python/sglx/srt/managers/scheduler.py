@@ -41,6 +41,7 @@ from sglx.srt.managers.io_struct import (
     FlushCacheReqOutput,
     GetInternalStateReq,
     GetInternalStateReqOutput,
+    ProfileReq,
     TokenizedEmbeddingReqInput,
     TokenizedGenerateReqInput,
 )
@@ -54,6 +55,7 @@ from sglx.srt.managers.schedule_batch import (
     finish_length,
 )
 from sglx.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy, reserved_decode_tokens
+from sglx.srt.managers.scheduler_profiler import SchedulerProfiler
 from sglx.srt.mem_cache.chunk_cache import ChunkCache
 from sglx.srt.mem_cache.radix_cache import RadixCache
 from sglx.srt.model_executor.batch_result import EmbeddingBatchResult, GenerationBatchResult, HostSamplerOutput
@@ -129,6 +131,7 @@ class Scheduler:
         # Overlap schedule: the launched step whose results are not processed yet.
         self.enable_overlap = not server_args.disable_overlap_schedule
         self.inflight: Optional[Tuple[ScheduleBatch, BatchResult]] = None
+        self.profiler = SchedulerProfiler(self.runner.device)
 
         if port_args is not None:
             ctx = zmq.Context(2)
@@ -197,13 +200,15 @@ class Scheduler:
     def event_loop(self) -> None:
         while True:
             self.recv_requests(block=self.is_idle())
-            if not self.step() and self.is_idle():
+            if self.step():
+                self.profiler.step()
+            elif self.is_idle():
                 self.check_memory()
 
     def step(self) -> bool:
         """One scheduling step: run (or, overlapped, launch) the next batch. False if nothing happened."""
         if not self.enable_overlap:
-            batch = self.get_next_batch_to_run()
+            batch = self.next_batch()
             if batch is not None:
                 self.run_batch(batch)
             return batch is not None
@@ -212,7 +217,7 @@ class Scheduler:
             self.inflight = None
             self.process_batch_result(*prev)
             prev = None
-        batch = self.get_next_batch_to_run()  # (sees self.inflight: its rows are still held)
+        batch = self.next_batch()  # (sees self.inflight: its rows are still held)
         launched = None
         if batch is not None:  # every request of an overlapped decode batch has one token on the device
             inflight_tokens = 1 if prev is not None and not self.is_embedding else 0
@@ -221,6 +226,10 @@ class Scheduler:
         if prev is not None:  # while `batch` runs
             self.process_batch_result(*prev)
         return batch is not None or prev is not None
+
+    def next_batch(self) -> Optional[ScheduleBatch]:
+        with self.profiler.annotate("sglx::get_next_batch"):
+            return self.get_next_batch_to_run()
 
     def can_overlap(self, prev: ScheduleBatch) -> bool:
         """Whether the next step can be formed before `prev`'s results are processed. Embeddings: unless a
@@ -241,7 +250,9 @@ class Scheduler:
             events = dict(self.poller.poll(timeout))
             if self.recv_from_tokenizer not in events:
                 return
-            self.process_input(self.recv_from_tokenizer.recv_pyobj())
+            with self.profiler.annotate("sglx::recv"):  # (not around process_input: it may stop the profiler)
+                msg = self.recv_from_tokenizer.recv_pyobj()
+            self.process_input(msg)
             timeout = 0
 
     def process_input(self, msg: Any) -> None:
@@ -258,6 +269,8 @@ class Scheduler:
             self.send_to_tokenizer.send_pyobj(self.flush_cache())
         elif isinstance(msg, GetInternalStateReq):
             self.send_to_tokenizer.send_pyobj(GetInternalStateReqOutput(self.internal_state()))
+        elif isinstance(msg, ProfileReq):
+            self.send_to_tokenizer.send_pyobj(self.profiler.handle(msg))
         else:
             logger.error("scheduler got an unknown message %r", type(msg))
 
@@ -422,22 +435,25 @@ class Scheduler:
 
     def launch_batch(self, batch: ScheduleBatch, inflight_tokens: int = 0) -> BatchResult:
         """Queue the batch's forward (and sampling) on the device; returns without waiting for them."""
-        mwb = batch.get_model_worker_batch(inflight_tokens)
-        if self.is_embedding:
-            result = self.runner.forward_batch_embedding_async(mwb)
-        else:
-            result = self.runner.forward_batch_generation(mwb)
+        with self.profiler.annotate("sglx::launch_batch"):
+            mwb = batch.get_model_worker_batch(inflight_tokens)
+            if self.is_embedding:
+                result = self.runner.forward_batch_embedding_async(mwb)
+            else:
+                result = self.runner.forward_batch_generation(mwb)
         self.forward_ct += 1
         return result
 
     def process_batch_result(self, batch: ScheduleBatch, result: BatchResult) -> None:
-        out = result.host()  # waits for this batch's step (only)
-        if self.is_embedding:
-            self.process_embedding_result(batch, out)
-        elif batch.forward_mode.is_extend():
-            self.process_prefill_result(batch, out)
-        else:
-            self.process_decode_result(batch, out)
+        with self.profiler.annotate("sglx::wait_result"):
+            out = result.host()  # waits for this batch's step (only)
+        with self.profiler.annotate("sglx::process_result"):
+            if self.is_embedding:
+                self.process_embedding_result(batch, out)
+            elif batch.forward_mode.is_extend():
+                self.process_prefill_result(batch, out)
+            else:
+                self.process_decode_result(batch, out)
 
     def _append_token(self, i: int, req: Req, out: HostSamplerOutput) -> None:
         tok = out.next_token_ids[i]

@@ -22,6 +22,8 @@ from sglx.srt.managers.io_struct import (
     EmbeddingReqInput,
     FlushCacheReqInput,
     FlushCacheReqOutput,
+    ProfileReq,
+    ProfileReqOutput,
     GenerateReqInput,
     GetInternalStateReq,
     GetInternalStateReqOutput,
@@ -126,7 +128,7 @@ class TokenizerManager:
                 st.meta = {"prompt_tokens": msg.prompt_tokens[i], "embedding": msg.embeddings[i]}
                 st.finished_reason = msg.finished_reasons[i] or {"type": "length", "length": 0}
                 st.event.set()
-        elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput)):
+        elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput, ProfileReqOutput)):
             if self.pending_control:
                 fut = self.pending_control.popleft()
                 if not fut.done():
@@ -307,18 +309,22 @@ class TokenizerManager:
         self.send_to_scheduler.send_pyobj(AbortReq(rid=rid, abort_all=abort_all))
 
     # ------------------------------------------------------------------ control
-    async def _control(self, msg: Any) -> Any:
+    async def _control(self, msg: Any, timeout: float = 60) -> Any:
         self._ensure_loop()
         fut = asyncio.get_running_loop().create_future()
         self.pending_control.append(fut)
         self.send_to_scheduler.send_pyobj(msg)
-        return await asyncio.wait_for(fut, timeout=60)
+        return await asyncio.wait_for(fut, timeout=timeout)
 
     async def flush_cache(self) -> FlushCacheReqOutput:
         return await self._control(FlushCacheReqInput())
 
     async def get_internal_state(self) -> Dict[str, Any]:
         return (await self._control(GetInternalStateReq())).state
+
+    async def profile(self, req: ProfileReq) -> ProfileReqOutput:
+        """Start or stop the scheduler's torch profiler; stopping waits for the trace to be written."""
+        return await self._control(req, timeout=600)
 
     def server_args_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self.server_args)

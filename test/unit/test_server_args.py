@@ -78,3 +78,16 @@ def test_sampling_backend_cli_flag():
     args = sa_mod.prepare_server_args(["--device", "cuda", "--sampling-backend", "flashinfer"])
     assert args.sampling_backend == "flashinfer"
     assert sa_mod.prepare_server_args(["--device", "cpu"]).sampling_backend == "pytorch"
+
+
+@pytest.mark.parametrize("device,given,expected", [("cuda", None, 1), ("cuda", 3, 3), ("cpu", 2, 2), ("cpu", None, None)])
+def test_host_threads(monkeypatch, device, given, expected):
+    """--num-threads wins; otherwise one thread on CUDA (the host only launches kernels), torch's default on CPU."""
+    import torch
+
+    from sglx.srt.model_executor import model_runner
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    model_runner.set_host_threads(torch.device(device), given)
+    assert calls == ([] if expected is None else [expected])

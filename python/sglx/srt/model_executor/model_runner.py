@@ -71,6 +71,19 @@ def embedding_trunk(model: torch.nn.Module) -> torch.nn.Module:
     return trunk
 
 
+def set_host_threads(device: torch.device, num_threads: Optional[int]) -> None:
+    """torch's intra-op threads in this process: `num_threads` when given; else torch's default (every core) on
+    CPU, where the model runs on them, and one thread on CUDA, where the host only launches kernels. Measured on
+    an H100 host (docs/benchmarks.md): with OMP_NUM_THREADS=8 exported, a Triton RMSNorm launch took 75 us of
+    host time and a linear 26 us; with one thread 34 and 14 us, the same as torch's default without the
+    variable. A 14k-token prefill launches ~470 kernels: with the variable, the host's launches of one
+    (30 ms) nearly caught up with the GPU's work (33 ms)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    elif device.type == "cuda":
+        torch.set_num_threads(1)
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, server_args: ServerArgs) -> None:
         self.model_config = model_config
@@ -79,8 +92,7 @@ class ModelRunner:
         self.device = torch.device(server_args.device)
         self.page_size = server_args.page_size
         torch.manual_seed(server_args.random_seed)
-        if self.device.type == "cpu" and server_args.num_threads:
-            torch.set_num_threads(server_args.num_threads)
+        set_host_threads(self.device, server_args.num_threads)
         self.model = get_model(model_config, server_args.load_format, str(self.device))
         self.kv_cache_dtype = KV_DTYPES.get(server_args.kv_cache_dtype, model_config.dtype)
         self.skip_kv_cache = decide_skip_kv_cache(model_config, server_args)

@@ -16,7 +16,7 @@ triton = use_triton_interpreter("sglx.srt.layers.triton_ops.fused_elementwise", 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sglx.srt.layers import layernorm  # noqa: E402
+from sglx.srt.layers import layernorm, rotary_embedding  # noqa: E402
 from sglx.srt.layers.activation import GeluAndMul, SiluAndMul  # noqa: E402
 from sglx.srt.layers.layernorm import RMSNorm  # noqa: E402
 from sglx.srt.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
@@ -304,6 +304,51 @@ def test_qk_norm_rope_refuses_what_it_cannot_do_in_place():
         fe.qk_norm_rope_(pos, q, k, torch.ones(8, dtype=torch.bfloat16), w, 1e-6, 16, cache)
     with pytest.raises(ValueError):  # rotary_dim > head_size
         fe.qk_norm_rope_(pos, q.view(2, 4, 8), k.view(2, 2, 8), w[:8], w[:8], 1e-6, 8, cache)
+
+
+def _fused_on(monkeypatch, module=rotary_embedding):
+    """Route `module`'s layers to the fused kernels on CPU tensors (the interpreter runs them); count calls."""
+    calls = []
+    monkeypatch.setattr(module, "fused_ops", lambda t: calls.append(t) or fe)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rope_layer_helper_dispatch(monkeypatch, dtype):
+    hq, hk, d = 4, 2, 64
+    rope, q_norm, k_norm, qkv, pos = _qk_case(dtype, d, d, True, hq, hk)
+    q, k, _ = _split(qkv, hq, hk, d)
+    want_q, want_k = rotary_embedding.qk_norm_rope(pos, q, k, q_norm, k_norm, rope)  # CPU: the torch layers
+    assert want_q.data_ptr() != q.data_ptr(), "the CPU path returns new tensors"
+    _fused_on(monkeypatch)
+    got_q, got_k = rotary_embedding.qk_norm_rope(pos, q, k, q_norm, k_norm, rope)
+    assert got_q is q and got_k is k, "fused: in place on the qkv slices"
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got_q, want_q, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_k, want_k, rtol=tol, atol=tol)
+
+    # What the kernel can't do in place, or modules it does not implement, take the unfused layers.
+    class ScaledRope(RotaryEmbedding):
+        pass
+
+    sub = ScaledRope(d, d, 64, 10000.0)
+    sub.cos_sin_cache = rope.cos_sin_cache
+    q, k, _ = _split(qkv.clone(), hq, hk, d)
+    assert rotary_embedding.qk_norm_rope(pos, q, k, q_norm, k_norm, sub)[0] is not q
+    if dtype == torch.bfloat16:
+        k_norm.weight.data = k_norm.weight.data.float()  # bf16 * fp32 -> fp32: not in place
+        assert rotary_embedding.qk_norm_rope(pos, q, k, q_norm, k_norm, rope)[0] is not q
+
+
+def test_qwen3_forward_with_fused_qk_norm_rope_matches_transformers(tmp_path, monkeypatch):
+    """The model's wiring: Qwen3 on the fused q/k norm + rotary kernel (in place on qkv's slices, v passed as a
+    strided view) through the runner, prefill and decode, against transformers (torch_native attention)."""
+    pytest.importorskip("transformers")
+    from test.unit.test_model_families import test_forward_matches_transformers
+
+    calls = _fused_on(monkeypatch)
+    test_forward_matches_transformers(tmp_path, "qwen3")
+    assert calls, "the fused path was not taken"
 
 
 # ============================================================================ the layers' switch

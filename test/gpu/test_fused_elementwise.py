@@ -4,8 +4,8 @@ The torch reference is the same layer run with SGLX_DISABLE_FUSED_KERNELS=1. Out
 a tiny fraction of elements at most two bf16 steps apart (an fp32 ulp from a reduction order or an fma can flip
 a rounding, and RMSNorm/act-and-mul round twice: the normalized/activated value, then the product). Rotary is
 held to its own contract (fp32 math rounded once) and, loosely, to the torch path, which rounds cos/sin and each
-product to bf16. Also: q/k as column slices of one qkv tensor, and capture and replay in a CUDA graph with new
-data.
+product to bf16. Qwen3's fused q/k norm + rotary against the two kernels chained and the torch layers. Also: q/k
+as column slices of one qkv tensor, and capture and replay in a CUDA graph with new data.
 
 Run alone (`pytest test/gpu`): test/unit turns on Triton's interpreter for the whole process.
 """
@@ -20,7 +20,7 @@ import torch
 # No triton import at module level: it would stop test/unit from switching Triton to its interpreter.
 from sglx.srt.layers.activation import GeluAndMul, SiluAndMul
 from sglx.srt.layers.layernorm import DISABLE_ENV, RMSNorm
-from sglx.srt.layers.rotary_embedding import RotaryEmbedding
+from sglx.srt.layers.rotary_embedding import RotaryEmbedding, qk_norm_rope
 
 DEV, BF16 = "cuda", torch.bfloat16
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS, INTER = 4096, 128, 32, 8, 14336
@@ -118,24 +118,53 @@ def _rope_fp32(x: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, neox: bo
     return h.reshape(x.shape).to(x.dtype)
 
 
+V_START = (HEADS + KV_HEADS) * HEAD_DIM  # v's first column in qkv
+
+
+def _qkv_slices(n: int, seed: int, scale: float):
+    """A [n, q | k | v] tensor, its q and k column slices, and positions in [0, 8192)."""
+    q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    qkv = _rand(n, q_size + 2 * kv_size, seed=seed, scale=scale)
+    pos = torch.randint(0, 8192, (n,), device=DEV, generator=torch.Generator(device=DEV).manual_seed(seed + 1))
+    q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    return qkv, pos, q, k
+
+
+def _check_in_place(qkv, before, q, k, got, exact, torch_path) -> None:
+    """The fused path returned q and k themselves, left v alone, meets its own contract (`exact`, up to rare
+    one-step flips) and, loosely, the bf16 torch path (which rounds a few times more, at |x| < 8)."""
+    assert got[0] is q and got[1] is k, "the fused path works in place"
+    assert torch.equal(qkv[:, V_START:], before[:, V_START:]), "v must be untouched"
+    for x, want, ref in zip((q, k), exact, torch_path):
+        _assert_match(x, want)
+        torch.testing.assert_close(x, ref, rtol=0, atol=0.07)
+
+
 @pytest.mark.parametrize("n", [1, 129, 4096])
 @pytest.mark.parametrize("neox,rotary_dim", [(True, 128), (False, 128), (True, 64)], ids=["neox", "gptj", "partial"])
 def test_rotary_on_qkv_slices(monkeypatch, n, neox, rotary_dim):
     rope = RotaryEmbedding(HEAD_DIM, rotary_dim, 8192, 500000.0, is_neox_style=neox).to(DEV)
-    q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    qkv = _rand(n, q_size + 2 * kv_size, seed=8, scale=2.0)
-    pos = torch.randint(0, 8192, (n,), device=DEV, generator=torch.Generator(device=DEV).manual_seed(9))
+    qkv, pos, q, k = _qkv_slices(n, seed=8, scale=2.0)
     before = qkv.clone()
-    q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
     want_q, want_k = _torch_path(monkeypatch, lambda: rope(pos, q, k))
     want_q32, want_k32 = _rope_fp32(q, pos, rope.cos_sin_cache, neox), _rope_fp32(k, pos, rope.cos_sin_cache, neox)
-    got_q, got_k = rope(pos, q, k)
-    assert got_q is q and got_k is k, "the fused path rotates in place"
-    assert torch.equal(qkv[:, q_size + kv_size :], before[:, q_size + kv_size :]), "v must be untouched"
-    _assert_match(q, want_q32)
-    _assert_match(k, want_k32)
-    torch.testing.assert_close(q, want_q, rtol=0, atol=0.07)  # bf16 torch path: a few roundings at |x| < 8
-    torch.testing.assert_close(k, want_k, rtol=0, atol=0.07)
+    _check_in_place(qkv, before, q, k, rope(pos, q, k), (want_q32, want_k32), (want_q, want_k))
+
+
+@pytest.mark.parametrize("n", [1, 129, 4096])
+@pytest.mark.parametrize("neox,rotary_dim", [(True, 128), (False, 128), (True, 64)], ids=["neox", "gptj", "partial"])
+def test_qk_norm_rope_on_qkv_slices(monkeypatch, fe, n, neox, rotary_dim):
+    q_norm, k_norm = _norm(HEAD_DIM, seed=14), _norm(HEAD_DIM, seed=15)
+    rope = RotaryEmbedding(HEAD_DIM, rotary_dim, 8192, 1000000.0, is_neox_style=neox).to(DEV)
+    qkv, pos, q, k = _qkv_slices(n, seed=16, scale=3.0)
+    before = qkv.clone()
+    chained_q = fe.rmsnorm(q.view(n, HEADS, HEAD_DIM), q_norm.weight, 1e-6).view(n, -1)
+    chained_k = fe.rmsnorm(k.view(n, KV_HEADS, HEAD_DIM), k_norm.weight, 1e-6).view(n, -1)
+    fe.rotary_embedding_(pos, chained_q, chained_k, HEAD_DIM, rope.cos_sin_cache, neox)
+    want_q, want_k = _torch_path(monkeypatch, lambda: qk_norm_rope(pos, q, k, q_norm, k_norm, rope))
+    got = qk_norm_rope(pos, q, k, q_norm, k_norm, rope)
+    # The chain's per-element math; only the variance's reduction layout may differ (an fp32 ulp).
+    _check_in_place(qkv, before, q, k, got, (chained_q, chained_k), (want_q, want_k))
 
 
 def test_disable_env_selects_torch_path(monkeypatch):
@@ -154,6 +183,7 @@ def test_cuda_graph_capture_and_replay():
     q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     x, res = torch.empty(n, HIDDEN, device=DEV, dtype=BF16), torch.empty(n, HIDDEN, device=DEV, dtype=BF16)
     qkv = torch.empty(n, q_size + 2 * kv_size, device=DEV, dtype=BF16)
+    qkv2 = torch.empty_like(qkv)  # for the fused q/k norm + rotary
     gate_up = torch.empty(n, 2 * INTER, device=DEV, dtype=BF16)
     pos = torch.empty(n, device=DEV, dtype=torch.int64)
 
@@ -162,10 +192,12 @@ def test_cuda_graph_capture_and_replay():
         q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
         k = qk_norm(k.reshape(-1, HEAD_DIM)).view(k.shape)
         q, k = rope(pos, q, k)
-        return h, r, q, k, act(gate_up)
+        q2, k2, _ = qkv2.split([q_size, kv_size, kv_size], dim=-1)
+        q2, k2 = qk_norm_rope(pos, q2, k2, qk_norm, qk_norm, rope)
+        return h, r, q, k, act(gate_up), q2, k2
 
     def fill(seed: int) -> None:
-        for i, t in enumerate((x, res, qkv, gate_up)):
+        for i, t in enumerate((x, res, qkv, gate_up, qkv2)):
             t.copy_(_rand(*t.shape, seed=seed + i))
         pos.copy_(torch.randint(0, 4096, (n,), device=DEV, generator=torch.Generator(device=DEV).manual_seed(seed)))
 
@@ -182,10 +214,10 @@ def test_cuda_graph_capture_and_replay():
     first = [t.clone() for t in outs]
     for seed in (200, 300):
         fill(seed)
-        inputs = [t.clone() for t in (x, res, qkv, gate_up, pos)]
+        inputs = [t.clone() for t in (x, res, qkv, gate_up, pos, qkv2)]
         graph.replay()
-        got_all = [t.clone() for t in outs]  # residual and q alias the static inputs: snapshot them
-        x[:], res[:], qkv[:], gate_up[:], pos[:] = inputs  # eager run on the same data
+        got_all = [t.clone() for t in outs]  # residual, q and q2 alias the static inputs: snapshot them
+        x[:], res[:], qkv[:], gate_up[:], pos[:], qkv2[:] = inputs  # eager run on the same data
         want = step()
         assert not torch.equal(got_all[0], first[0]), "replay must see the new data"
         for got, ref in zip(got_all, want):

@@ -1,4 +1,5 @@
-"""The fused elementwise Triton kernels (RMSNorm, act-and-mul, rotary) on CPU through Triton's interpreter.
+"""The fused elementwise Triton kernels (RMSNorm, act-and-mul, rotary, q/k norm + rotary) on CPU through
+Triton's interpreter.
 
 TRITON_INTERPRET must be set before triton is imported: @triton.jit picks the interpreter at decoration time,
 i.e. when sglx's fused_elementwise module is first imported. The launch wrappers are called directly on small
@@ -15,7 +16,7 @@ triton = use_triton_interpreter("sglx.srt.layers.triton_ops.fused_elementwise", 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sglx.srt.layers import layernorm  # noqa: E402
+from sglx.srt.layers import layernorm, rotary_embedding  # noqa: E402
 from sglx.srt.layers.activation import GeluAndMul, SiluAndMul  # noqa: E402
 from sglx.srt.layers.layernorm import RMSNorm  # noqa: E402
 from sglx.srt.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
@@ -214,6 +215,140 @@ def test_rotary_rejects_bad_shapes():
         fe.rotary_embedding_(torch.zeros(2, dtype=torch.long), torch.zeros(2, 20), None, 16, cache)
     with pytest.raises(ValueError):  # rotary_dim > head_size
         fe.rotary_embedding_(torch.zeros(2, dtype=torch.long), torch.zeros(2, 8), None, 8, cache)
+
+
+# ============================================================================ q/k norm + rotary
+QK_SHAPES = [(128, 128), (128, 64), (64, 64), (80, 80)]  # (head_dim, rotary_dim)
+
+
+def _qk_case(dtype, head_dim, rotary_dim, neox, hq, hk, n=5, seed=30):
+    """A qkv tensor (with two spare columns past v), positions, the rope and q/k norm layers."""
+    rope = RotaryEmbedding(head_dim, rotary_dim, max_position=64, base=10000.0, is_neox_style=neox)
+    q_norm, k_norm = RMSNorm(head_dim, eps=1e-6).to(dtype), RMSNorm(head_dim, eps=1e-6).to(dtype)
+    q_norm.weight.data = _rand(head_dim, seed=seed + 1, scale=0.3).to(dtype) + 1
+    k_norm.weight.data = _rand(head_dim, seed=seed + 2, scale=0.3).to(dtype) + 1
+    qkv = _rand(n, (hq + 2 * hk) * head_dim + 2, dtype=dtype, seed=seed, scale=3.0)
+    pos = torch.tensor([0, 5, 63, 17, 40, 1, 9][:n], dtype=torch.int64)
+    return rope, q_norm, k_norm, qkv, pos
+
+
+def _split(qkv, hq, hk, head_dim):
+    return qkv[:, : (hq + 2 * hk) * head_dim].split([hq * head_dim, hk * head_dim, hk * head_dim], dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("head_dim,rotary_dim", QK_SHAPES, ids=[f"d{d}-r{r}" for d, r in QK_SHAPES])
+@pytest.mark.parametrize("hq,hk", [(4, 2), (3, 3)], ids=["gqa", "mha"])
+def test_qk_norm_rope_inplace_on_qkv_slices(dtype, neox, head_dim, rotary_dim, hq, hk):
+    rope, q_norm, k_norm, qkv, pos = _qk_case(dtype, head_dim, rotary_dim, neox, hq, hk)
+    n, before = qkv.shape[0], qkv.clone()
+    q, k, _ = _split(qkv, hq, hk, head_dim)
+    # (a) the unfused kernels chained: per-head rmsnorm (new tensors), then the in-place rotation
+    cq = fe.rmsnorm(q.view(n, hq, head_dim), q_norm.weight, 1e-6).view(n, -1)
+    ck = fe.rmsnorm(k.view(n, hk, head_dim), k_norm.weight, 1e-6).view(n, -1)
+    fe.rotary_embedding_(pos, cq, ck, head_dim, rope.cos_sin_cache, neox)
+    # (b) the torch path CPU serving runs: RMSNorm._norm per head, then the module's rotation
+    tq = q_norm(q.reshape(-1, head_dim)).view(n, -1)
+    tk = k_norm(k.reshape(-1, head_dim)).view(n, -1)
+    tq, tk = rope(pos, tq, tk)
+    assert torch.equal(qkv, before), "the references must not have written qkv"
+
+    got_q, got_k = fe.qk_norm_rope_(pos, q, k, q_norm.weight, k_norm.weight, 1e-6, head_dim, rope.cos_sin_cache,
+                                    is_neox_style=neox)  # fmt: skip
+    assert got_q is q and got_k is k
+    assert torch.equal(q, cq) and torch.equal(k, ck), "must equal rmsnorm then rotary_embedding_, bit for bit"
+    tol = 1e-6 if dtype == torch.float32 else 2e-2  # as the rotary test: the torch path rounds cos/sin to bf16
+    torch.testing.assert_close(q, tq, rtol=tol, atol=tol)
+    torch.testing.assert_close(k, tk, rtol=tol, atol=tol)
+    width = (hq + hk) * head_dim
+    assert torch.equal(qkv[:, width:], before[:, width:]), "v and the columns past it must be untouched"
+    assert not torch.equal(qkv[:, :width], before[:, :width])
+
+
+@pytest.mark.parametrize("hq,hk", [(10, 3), (3, 10)])
+def test_qk_norm_rope_several_head_blocks(hq, hk):
+    # head_dim 128 -> 8 heads per program: q and/or k span several blocks, the last one partly masked
+    rope, q_norm, k_norm, qkv, pos = _qk_case(torch.bfloat16, 128, 128, True, hq, hk, n=3)
+    q, k, _ = _split(qkv, hq, hk, 128)
+    want_q = fe.rmsnorm(q.view(3, hq, 128), q_norm.weight, 1e-6).view(3, -1)
+    want_k = fe.rmsnorm(k.view(3, hk, 128), k_norm.weight, 1e-6).view(3, -1)
+    fe.rotary_embedding_(pos, want_q, want_k, 128, rope.cos_sin_cache)
+    before = qkv.clone()
+    fe.qk_norm_rope_(pos, q, k, q_norm.weight, k_norm.weight, 1e-6, 128, rope.cos_sin_cache)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(qkv[:, (hq + hk) * 128 :], before[:, (hq + hk) * 128 :])
+
+
+def test_qk_norm_rope_3d_views_and_int32_positions():
+    rope, q_norm, k_norm, qkv, pos = _qk_case(torch.float32, 64, 32, True, 2, 1, n=4)
+    q3 = qkv[:, :128].view(4, 2, 64)  # [n, heads, head_size] views are accepted too
+    k3 = qkv[:, 128:192].view(4, 1, 64)
+    want_q = fe.rmsnorm(q3, q_norm.weight, 1e-6)
+    want_k = fe.rmsnorm(k3, k_norm.weight, 1e-6)
+    fe.rotary_embedding_(pos, want_q, want_k, 64, rope.cos_sin_cache)
+    fe.qk_norm_rope_(pos.int(), q3, k3, q_norm.weight, k_norm.weight, 1e-6, 64, rope.cos_sin_cache)
+    assert torch.equal(q3, want_q) and torch.equal(k3, want_k)
+
+
+def test_qk_norm_rope_refuses_what_it_cannot_do_in_place():
+    cache = torch.zeros(8, 16)
+    pos = torch.zeros(2, dtype=torch.long)
+    q, k = torch.zeros(2, 32, dtype=torch.bfloat16), torch.zeros(2, 16, dtype=torch.bfloat16)
+    w = torch.ones(16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="in place"):  # bf16 x * fp32 weight is fp32 in torch
+        fe.qk_norm_rope_(pos, q, k, w.float(), w, 1e-6, 16, cache)
+    with pytest.raises(ValueError, match="share a dtype"):
+        fe.qk_norm_rope_(pos, q, k.float(), w, w, 1e-6, 16, cache)
+    with pytest.raises(ValueError, match="head_size"):
+        fe.qk_norm_rope_(pos, q, k, torch.ones(8, dtype=torch.bfloat16), w, 1e-6, 16, cache)
+    with pytest.raises(ValueError):  # rotary_dim > head_size
+        fe.qk_norm_rope_(pos, q.view(2, 4, 8), k.view(2, 2, 8), w[:8], w[:8], 1e-6, 8, cache)
+
+
+def _fused_on(monkeypatch, module=rotary_embedding):
+    """Route `module`'s layers to the fused kernels on CPU tensors (the interpreter runs them); count calls."""
+    calls = []
+    monkeypatch.setattr(module, "fused_ops", lambda t: calls.append(t) or fe)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rope_layer_helper_dispatch(monkeypatch, dtype):
+    hq, hk, d = 4, 2, 64
+    rope, q_norm, k_norm, qkv, pos = _qk_case(dtype, d, d, True, hq, hk)
+    q, k, _ = _split(qkv, hq, hk, d)
+    want_q, want_k = rotary_embedding.qk_norm_rope(pos, q, k, q_norm, k_norm, rope)  # CPU: the torch layers
+    assert want_q.data_ptr() != q.data_ptr(), "the CPU path returns new tensors"
+    _fused_on(monkeypatch)
+    got_q, got_k = rotary_embedding.qk_norm_rope(pos, q, k, q_norm, k_norm, rope)
+    assert got_q is q and got_k is k, "fused: in place on the qkv slices"
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got_q, want_q, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_k, want_k, rtol=tol, atol=tol)
+
+    # What the kernel can't do in place, or modules it does not implement, take the unfused layers.
+    class ScaledRope(RotaryEmbedding):
+        pass
+
+    sub = ScaledRope(d, d, 64, 10000.0)
+    sub.cos_sin_cache = rope.cos_sin_cache
+    q, k, _ = _split(qkv.clone(), hq, hk, d)
+    assert rotary_embedding.qk_norm_rope(pos, q, k, q_norm, k_norm, sub)[0] is not q
+    if dtype == torch.bfloat16:
+        k_norm.weight.data = k_norm.weight.data.float()  # bf16 * fp32 -> fp32: not in place
+        assert rotary_embedding.qk_norm_rope(pos, q, k, q_norm, k_norm, rope)[0] is not q
+
+
+def test_qwen3_forward_with_fused_qk_norm_rope_matches_transformers(tmp_path, monkeypatch):
+    """The model's wiring: Qwen3 on the fused q/k norm + rotary kernel (in place on qkv's slices, v passed as a
+    strided view) through the runner, prefill and decode, against transformers (torch_native attention)."""
+    pytest.importorskip("transformers")
+    from test.unit.test_model_families import test_forward_matches_transformers
+
+    calls = _fused_on(monkeypatch)
+    test_forward_matches_transformers(tmp_path, "qwen3")
+    assert calls, "the fused path was not taken"
 
 
 # ============================================================================ the layers' switch

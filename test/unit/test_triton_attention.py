@@ -234,6 +234,57 @@ def test_decode_split_k_with_empty_splits():
     assert torch.isinf(part_lse[0, :, 3:]).all(), "request 0 has 3 tokens: splits 3..6 must be empty"
 
 
+def _qkv_column_views(q, k, v):
+    """q, k, v as column slices of one [T, q + k + v + 8] tensor: rows a whole qkv width apart, not adjacent
+    (the layout models hand over: slices of the fused qkv projection, never copied)."""
+    qkv = torch.cat([q, k, v, torch.full_like(q[:, :8], float("nan"))], dim=-1)
+    views = qkv[:, : -8].split([q.shape[1], k.shape[1], v.shape[1]], dim=-1)
+    assert not any(x.is_contiguous() for x in views)
+    return views
+
+
+@pytest.mark.parametrize("backend", ["torch_native", "triton"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case([(0, 5), (0, 17)], E, page_size=1, heads=8, kv_heads=2),
+        Case([(7, 5), (20, 17), (0, 3)], E, page_size=16, heads=4, kv_heads=4),
+        Case([(4, 1), (39, 1), (17, 1)], D, page_size=1, heads=8, kv_heads=2),
+        Case([(0, 1), (22, 1)], D, page_size=16, heads=4, kv_heads=2, head_dim=48),
+    ],
+    ids=["prefill-p1-g4", "prefix-p16-g1", "decode-p1-g4", "decode-p16-d48"],
+)
+def test_row_strided_qkv_views_match_contiguous(backend, case):
+    """Backends take q/k/v as row-strided column views: same output and same KV pool as contiguous copies."""
+    fb, layer, q, k, v = build(case)
+    fb_ref = copy.copy(fb)
+    fb_ref.token_to_kv_pool = copy.deepcopy(fb.token_to_kv_pool)
+    qs, ks, vs = _qkv_column_views(q, k, v)
+    if backend == "triton":  # the strided store must take the fused kernel, not set_kv_buffer
+        from sglx.srt.layers.attention.triton_ops import can_fuse_store
+
+        k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(0)
+        heads = (-1, case.kv_heads, case.head_dim)
+        assert can_fuse_store(ks.view(heads), k_buf, vs.view(heads), v_buf)
+    got = run_backend(backend, fb, layer, qs, ks, vs)
+    want = run_backend(backend, fb_ref, layer, q, k, v)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(fb.token_to_kv_pool.get_kv_buffer(0), fb_ref.token_to_kv_pool.get_kv_buffer(0)):
+        assert torch.equal(a, b), "the KV store of strided k/v differs"
+
+
+@pytest.mark.parametrize("backend", ["torch_native", "triton"])
+def test_row_strided_qkv_views_skip_kv_cache(backend):
+    """The raw-k/v embedding path (no pool) on strided views."""
+    from sglx.srt.mem_cache.memory_pool import NoOpKVPool
+
+    fb, layer, q, k, v = build(Case([(0, 7), (0, 30)], E, heads=8, kv_heads=2, causal=False))
+    fb.token_to_kv_pool, fb.skip_kv_cache = NoOpKVPool(), True
+    want = run_backend(backend, copy.copy(fb), layer, q, k, v)
+    got = run_backend(backend, fb, layer, *_qkv_column_views(q, k, v))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_build_kv_indices_matches_loop():
     r2t = torch.randint(0, 10_000, (5, 1200), dtype=torch.int32)
     rows, lens = torch.tensor([3, 1, 4]), torch.tensor([5, 0, 1100])  # 1100 > the kernel's 512-wide block

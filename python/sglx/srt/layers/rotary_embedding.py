@@ -1,7 +1,8 @@
 """Rotary position embeddings with a precomputed cos/sin cache indexed by position.
 
 On CUDA the rotation runs as one fused Triton kernel, in place (see layernorm.fused_ops for the switch); the
-torch code below is the CPU path and the reference.
+torch code below is the CPU path and the reference. `qk_norm_rope` is Qwen3's per-head q/k RMSNorm followed by
+the rotation: one fused in-place kernel on CUDA, the two layers one after the other elsewhere.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from sglx.srt.layers.layernorm import fused_ops
+from sglx.srt.layers.layernorm import RMSNorm, fused_ops
 
 
 def rope_config(hf_config: Any) -> Tuple[float, Optional[Dict[str, Any]]]:
@@ -104,6 +105,34 @@ class RotaryEmbedding(nn.Module):
         if rest.shape[-1]:
             out = torch.cat([out, rest], dim=-1)
         return out.reshape(n, -1)
+
+
+def qk_norm_rope(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, rope: RotaryEmbedding
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q [n, heads * head_size] and k (q_norm / k_norm over head_size), then `rope`.
+
+    Fused into one in-place kernel on q and k themselves (column slices of the qkv tensor included) when the
+    fused ops are on and every piece is the plain kind that kernel implements; otherwise the norms then the
+    rotation, as separate layers (on CPU: new tensors, q and k untouched). Use the returned tensors either way.
+    """
+    ops = fused_ops(q)
+    if (
+        ops is not None
+        and type(rope) is RotaryEmbedding
+        and type(q_norm) is RMSNorm
+        and type(k_norm) is RMSNorm
+        and q_norm.variance_epsilon == k_norm.variance_epsilon
+        and k.dtype == q.dtype
+        and torch.result_type(q_norm.weight, q) == q.dtype
+        and torch.result_type(k_norm.weight, k) == q.dtype
+    ):
+        return ops.qk_norm_rope_(positions, q, k, q_norm.weight, k_norm.weight, q_norm.variance_epsilon,
+                                 rope.head_size, rope.cos_sin_cache, rope.is_neox_style)  # fmt: skip
+    d = rope.head_size
+    q = q_norm(q.view(q.shape[0], -1, d)).view(q.shape)  # per-head views (no copy); the norms return new tensors
+    k = k_norm(k.view(k.shape[0], -1, d)).view(k.shape)
+    return rope(positions, q, k)
 
 
 def get_rope(hf_config: Any, head_dim: int, max_position: int, is_neox_style: bool = True) -> RotaryEmbedding:

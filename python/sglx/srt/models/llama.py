@@ -15,7 +15,7 @@ from sglx.srt.layers.layernorm import RMSNorm
 from sglx.srt.layers.linear import StackedLinear
 from sglx.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
 from sglx.srt.layers.radix_attention import RadixAttention
-from sglx.srt.layers.rotary_embedding import get_rope
+from sglx.srt.layers.rotary_embedding import get_rope, qk_norm_rope
 from sglx.srt.model_executor.forward_batch import ForwardBatch
 from sglx.srt.model_executor.model_loader.weight_utils import load_named_weights
 
@@ -73,13 +73,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
+        # Column views of qkv (rows qkv-width apart): every attention backend takes such row-strided q/k/v.
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:
-            # Per-head views of the qkv slices (no copy); the norms return contiguous tensors.
-            q = self.q_norm(q.view(q.shape[0], -1, self.head_dim)).view(q.shape)
-            k = self.k_norm(k.view(k.shape[0], -1, self.head_dim)).view(k.shape)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.contiguous(), fb))
+            q, k = qk_norm_rope(positions, q, k, self.q_norm, self.k_norm, self.rotary_emb)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, fb))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -209,23 +209,47 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "tanh", out: Optional[torch
 
 # ============================================================================ rotary embedding
 @triton.jit
+def _token_cos_sin(pos_ptr, cache_ptr, s_cache, t, HALF: tl.constexpr, HALF_P2: tl.constexpr):
+    """Token t's (cos, sin) rows [HALF_P2] in fp32 (zero past HALF), the pair index i and its mask."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    i = tl.arange(0, HALF_P2)
+    imask = i < HALF
+    row = cache_ptr + pos * s_cache
+    cos = tl.load(row + i, mask=imask, other=0.0).to(tl.float32)
+    sin = tl.load(row + HALF + i, mask=imask, other=0.0).to(tl.float32)
+    return cos, sin, i, imask
+
+
+@triton.jit
+def _pair_dims(i, HALF: tl.constexpr, IS_NEOX: tl.constexpr):
+    """The two dims of rotated pair i."""
+    if IS_NEOX:  # rotate halves: (x[i], x[i + rot/2])
+        d1, d2 = i, i + HALF
+    else:  # GPT-J: interleaved pairs (x[2i], x[2i + 1])
+        d1, d2 = 2 * i, 2 * i + 1
+    return d1, d2
+
+
+@triton.jit
+def _store_rotated(p1, p2, x1, x2, cos, sin, mask, DTYPE: tl.constexpr, INTERP: tl.constexpr):
+    """Rotate the fp32 pairs (x1, x2) by (cos, sin), round once to DTYPE and store them at p1, p2."""
+    tl.store(p1, _round(x1 * cos[None, :] - x2 * sin[None, :], DTYPE, INTERP), mask=mask)
+    tl.store(p2, _round(x2 * cos[None, :] + x1 * sin[None, :], DTYPE, INTERP), mask=mask)
+
+
+@triton.jit
 def _rotate_heads(
     base, s_h, s_d, n_heads, h0, cos, sin, i, imask,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, IS_NEOX: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     h = h0 + tl.arange(0, BLOCK_H)
     mask = (h < n_heads)[:, None] & imask[None, :]
-    if IS_NEOX:  # rotate halves: (x[i], x[i + rot/2])
-        d1, d2 = i, i + HALF
-    else:  # GPT-J: interleaved pairs (x[2i], x[2i + 1])
-        d1, d2 = 2 * i, 2 * i + 1
+    d1, d2 = _pair_dims(i, HALF, IS_NEOX)
     p1 = base + h[:, None] * s_h + (d1 * s_d)[None, :]
     p2 = base + h[:, None] * s_h + (d2 * s_d)[None, :]
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
-    dt: tl.constexpr = base.dtype.element_ty
-    tl.store(p1, _round(x1 * cos[None, :] - x2 * sin[None, :], dt, INTERP), mask=mask)
-    tl.store(p2, _round(x2 * cos[None, :] + x1 * sin[None, :], dt, INTERP), mask=mask)
+    _store_rotated(p1, p2, x1, x2, cos, sin, mask, base.dtype.element_ty, INTERP)
 
 
 @triton.jit
@@ -238,12 +262,7 @@ def _rotary_kernel(
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h0 = tl.program_id(1) * BLOCK_H
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    i = tl.arange(0, HALF_P2)
-    imask = i < HALF
-    row = cache_ptr + pos * s_cache
-    cos = tl.load(row + i, mask=imask, other=0.0).to(tl.float32)
-    sin = tl.load(row + HALF + i, mask=imask, other=0.0).to(tl.float32)
+    cos, sin, i, imask = _token_cos_sin(pos_ptr, cache_ptr, s_cache, t, HALF, HALF_P2)
     if h0 < n_q_heads:
         _rotate_heads(q_ptr + t * sq_t, sq_h, sq_d, n_q_heads, h0, cos, sin, i, imask,
                       HALF, BLOCK_H, IS_NEOX, INTERP)  # fmt: skip
@@ -303,4 +322,116 @@ def rotary_embedding_(
     return q, k
 
 
-__all__ = ["gelu_and_mul", "rmsnorm", "rotary_embedding_", "silu_and_mul"]
+# ============================================================================ q/k norm + rotary
+@triton.jit
+def _qk_norm_rope_heads(
+    base, s_h, s_d, n_heads, h0, w_ptr, D, eps, cos, sin, i, imask,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PARTIAL: tl.constexpr,
+    IS_NEOX: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    # Per-head RMSNorm then rotation of heads h0 .. h0 + BLOCK_H of one token, in place. The variance is summed
+    # over the whole [BLOCK_H, BLOCK_D] tile as _rmsnorm_kernel sums it (the same bits on the interpreter; on a
+    # GPU another thread layout may reorder the sum by an fp32 ulp); the rotation then re-reads its pairs (cache
+    # hits) and normalizes them with _rmsnorm_kernel's per-element ops before rotating as _rotate_heads does.
+    dt: tl.constexpr = base.dtype.element_ty
+    h = h0 + tl.arange(0, BLOCK_H)
+    hmask = h < n_heads
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    p = base + h[:, None] * s_h + (cols * s_d)[None, :]
+    x = tl.load(p, mask=hmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    r = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+    if PARTIAL:  # rotary_dim < head_size: dims past rotary_dim are only normalized
+        tmask = hmask[:, None] & (cmask & (cols >= 2 * HALF))[None, :]
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(p, _round(w[None, :] * _round(x * r, dt, INTERP).to(tl.float32), dt, INTERP), mask=tmask)
+    mask = hmask[:, None] & imask[None, :]
+    d1, d2 = _pair_dims(i, HALF, IS_NEOX)
+    p1 = base + h[:, None] * s_h + (d1 * s_d)[None, :]
+    p2 = base + h[:, None] * s_h + (d2 * s_d)[None, :]
+    w1 = tl.load(w_ptr + d1, mask=imask, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + d2, mask=imask, other=0.0).to(tl.float32)
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
+    # the norm's two roundings (to x's dtype, then weight * normed to the output dtype, which is x's)
+    x1 = _round(w1[None, :] * _round(x1 * r, dt, INTERP).to(tl.float32), dt, INTERP).to(tl.float32)
+    x2 = _round(w2[None, :] * _round(x2 * r, dt, INTERP).to(tl.float32), dt, INTERP).to(tl.float32)
+    _store_rotated(p1, p2, x1, x2, cos, sin, mask, dt, INTERP)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    pos_ptr, cache_ptr, s_cache,
+    q_ptr, sq_t, sq_h, sq_d, n_q_heads, qw_ptr,
+    k_ptr, sk_t, sk_h, sk_d, n_k_heads, kw_ptr,
+    q_blocks, D, eps,
+    HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    PARTIAL: tl.constexpr, IS_NEOX: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    # Program (t, j): token t; head block j of q for j < q_blocks, else head block j - q_blocks of k (every
+    # program gets one block of at most BLOCK_H heads, so q's and k's programs are equally loaded).
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    cos, sin, i, imask = _token_cos_sin(pos_ptr, cache_ptr, s_cache, t, HALF, HALF_P2)
+    if j < q_blocks:
+        _qk_norm_rope_heads(q_ptr + t * sq_t, sq_h, sq_d, n_q_heads, j * BLOCK_H, qw_ptr, D, eps, cos, sin, i,
+                            imask, HALF, BLOCK_H, BLOCK_D, PARTIAL, IS_NEOX, INTERP)  # fmt: skip
+    else:
+        _qk_norm_rope_heads(k_ptr + t * sk_t, sk_h, sk_d, n_k_heads, (j - q_blocks) * BLOCK_H, kw_ptr, D, eps,
+                            cos, sin, i, imask, HALF, BLOCK_H, BLOCK_D, PARTIAL, IS_NEOX, INTERP)  # fmt: skip
+
+
+def qk_norm_rope_(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head RMSNorm of q and k followed by rotary embedding, IN PLACE, in one launch; returns (q, k).
+
+    Equal, bit for bit, to `rmsnorm` of each head (q_weight for q's heads, k_weight for k's) then
+    `rotary_embedding_`: the norm rounds like layers.layernorm.RMSNorm (to x's dtype, then weight * normed to the
+    result dtype, which must be x's for the result to go back in place), the rotation is fp32 math from the fp32
+    cache rounded once. q [n, heads * head_size] (or [n, heads, head_size]) and k likewise may be views with any
+    strides, e.g. column slices of one qkv tensor; nothing outside them is written.
+    """
+    n = positions.shape[0]
+    rotary_dim = cos_sin_cache.shape[-1]
+    if rotary_dim % 2 or rotary_dim > head_size:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head_size {head_size}")
+    if k.dtype != q.dtype:
+        raise ValueError("q and k must share a dtype")
+    for w in (q_weight, k_weight):
+        if w.shape != (head_size,):
+            raise ValueError(f"weight shape {tuple(w.shape)} does not match head_size {head_size}")
+        if torch.result_type(w, q) != q.dtype:
+            raise ValueError(f"weight * x would be {torch.result_type(w, q)}, not q's {q.dtype}: can't be in place")
+    q_weight = q_weight if q_weight.stride(0) == 1 else q_weight.contiguous()
+    k_weight = k_weight if k_weight.stride(0) == 1 else k_weight.contiguous()
+    cos_sin_cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    hq, sq_t, sq_h, sq_d = _heads_view(q, head_size, n)
+    hk, sk_t, sk_h, sk_d = _heads_view(k, head_size, n)
+    if n == 0 or max(hq, hk) == 0:
+        return q, k
+    half = rotary_dim // 2
+    block_d = triton.next_power_of_2(head_size)
+    block_h = min(triton.next_power_of_2(max(hq, hk)), max(1, 1024 // block_d))
+    q_blocks = triton.cdiv(hq, block_h)
+    _qk_norm_rope_kernel[(n, q_blocks + triton.cdiv(hk, block_h))](
+        positions, cos_sin_cache, cos_sin_cache.stride(0),
+        q, sq_t, sq_h, sq_d, hq, q_weight,
+        k, sk_t, sk_h, sk_d, hk, k_weight,
+        q_blocks, head_size, float(eps),
+        HALF=half, HALF_P2=triton.next_power_of_2(half), BLOCK_H=block_h, BLOCK_D=block_d,
+        PARTIAL=rotary_dim < head_size, IS_NEOX=bool(is_neox_style), INTERP=q.device.type != "cuda",
+        num_warps=4 if block_h * block_d >= 512 else 1,
+    )  # fmt: skip
+    return q, k
+
+
+__all__ = ["gelu_and_mul", "qk_norm_rope_", "rmsnorm", "rotary_embedding_", "silu_and_mul"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -31,3 +32,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(marker)
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory():
+    """Each test's runners and tensors go before the next test sizes its KV pool from the free memory."""
+    yield
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

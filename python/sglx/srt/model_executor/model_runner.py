@@ -121,6 +121,9 @@ class ModelRunner:
     def profile_max_num_token(self) -> int:
         if self.device.type != "cuda":
             return CPU_DEFAULT_MAX_TOTAL_TOKENS
+        # Blocks the caching allocator holds but nothing uses (an earlier runner in this process, a test's
+        # tensors) would otherwise count as taken.
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         # Leave (1 - mem_fraction_static) of the card to activations, graphs and the allocator.
         budget = free - total * (1.0 - self.server_args.mem_fraction_static)

@@ -102,7 +102,7 @@ def encode_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]],
             walls.append(time.perf_counter() - t0)
         wall = statistics.median(walls)
         if args.trace_steps:
-            rec["trace"] = traced_encode(eng, inputs, args.trace_steps, args.trace_dir)
+            rec["trace"] = traced_encode(eng, inputs, args.trace_steps, args.trace_dir, args.trace_activities)
         info = eng.server_info()
     finally:
         eng.shutdown()
@@ -119,12 +119,15 @@ def encode_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]],
     return rec
 
 
-def traced_encode(eng: GuardedEngine, inputs: List[List[int]], steps: int, out_dir: Optional[str]) -> Dict[str, Any]:
+def traced_encode(eng: GuardedEngine, inputs: List[List[int]], steps: int, out_dir: Optional[str],
+                  activities: Optional[List[str]] = None) -> Dict[str, Any]:
     """One more (untimed) encode of every input with the scheduler's profiler on for its first `steps`
-    batches; the trace's GPU idle gaps, charged to the scheduler's phases (trace_gaps.py)."""
+    batches; the trace's GPU idle gaps, charged to the scheduler's phases (trace_gaps.py). Recording CPU ops
+    slows the host's launches (a forward's took ~30 -> ~40 ms), so `activities=["GPU"]` gives the truer GPU
+    busy time, without the phases."""
     from trace_gaps import format_summary, load_trace, summarize
 
-    path = eng.engine.start_profile(output_dir=out_dir, num_steps=steps)
+    path = eng.engine.start_profile(output_dir=out_dir, num_steps=steps, activities=activities)
     eng.encode(inputs)
     try:
         eng.engine.stop_profile()  # fewer batches than `steps`: stop by hand
@@ -408,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-items", type=int, default=32, help="embeddings compared across modes")
     p.add_argument("--trace-steps", type=int, default=0,
                    help="after the timed encodes, profile this many batches of one more encode (trace_gaps.py)")
+    p.add_argument("--trace-activities", nargs="+", default=None, choices=["CPU", "GPU"],
+                   help="what the trace records (default both)")
     p.add_argument("--trace-dir", default=None, help="where the traces go (default: $SGLX_TORCH_PROFILER_DIR or /tmp)")
     p.add_argument("--skip-largest-batch", action="store_true")
     p.add_argument("--skip-encode", action="store_true", help="only the largest-batch search")

@@ -181,10 +181,11 @@ def test_smollm_decoder_embeddings(smollm):
 
 
 # ----------------------------------------------------------------------------- Engine
-def test_engine_encode(minilm):
+def test_engine_encode(minilm, monkeypatch):
     import sglx
+    from sglx.srt.managers import tokenizer_manager
 
-    server_vec = post(minilm, "/encode", {"text": SENTENCES[0]}).json()["embedding"]
+    server_vecs = [post(minilm, "/encode", {"text": s}).json()["embedding"] for s in SENTENCES]
     engine = sglx.Engine(model_path=minilm_path(), is_embedding=True, max_total_tokens=2048)
     try:
         one = engine.encode(SENTENCES[0])
@@ -192,8 +193,20 @@ def test_engine_encode(minilm):
         with pytest.raises(ValueError):
             engine.encode([])
         by_ids = engine.encode(input_ids=[101, 2023, 102])
+        # A batch split over several scheduler messages (a few inputs each) comes back whole and in order.
+        monkeypatch.setattr(tokenizer_manager, "EMBED_MESSAGE_TOKENS", 24)
+        parts = []
+        real_chunks = tokenizer_manager.chunk_by_tokens
+        monkeypatch.setattr(tokenizer_manager, "chunk_by_tokens", lambda *a: parts.append(real_chunks(*a)) or parts[-1])
+        split = engine.encode(SENTENCES)
+        assert len(parts[0]) >= 4
+        with pytest.raises(ValueError):  # one bad input rejects the request before any message is sent
+            engine.encode(input_ids=[[101, 102]] * 5 + [[101, 10**9]])
+        assert engine.get_server_info()["internal_state"]["num_waiting_reqs"] == 0
     finally:
         engine.shutdown()
-    assert cos(one["embedding"], server_vec) > 0.99999
-    assert len(many) == 3 and cos(many[0]["embedding"], server_vec) > 0.99999
+    assert cos(one["embedding"], server_vecs[0]) > 0.99999
+    assert len(many) == 3 and cos(many[0]["embedding"], server_vecs[0]) > 0.99999
     assert len(by_ids["embedding"]) == 384
+    assert len(split) == len(SENTENCES)
+    assert all(cos(out["embedding"], vec) > 0.99999 for out, vec in zip(split, server_vecs))

@@ -456,3 +456,23 @@ def test_client_disconnect_aborts(base_url, fake_tm):
     while not fake_tm.aborted and time.time() < deadline:
         time.sleep(0.02)
     assert fake_tm.aborted == [fake_tm.received[-1].rid]
+
+
+def test_int_list_checks_and_message_chunks():
+    from sglx.srt.managers.io_struct import TokenizedEmbeddingReqInput, ids_in_range, is_int_list
+    from sglx.srt.managers.tokenizer_manager import chunk_by_tokens
+
+    assert is_int_list([]) and is_int_list([1, 2, 3]) and not is_int_list((1, 2)) and not is_int_list([1, True])
+    assert not is_int_list([1, 2.0]) and not is_int_list([[1]])
+    import enum
+
+    class Tok(enum.IntEnum):
+        A = 3
+
+    assert is_int_list([1, Tok.A])  # int subclasses other than bool pass, as before
+    assert ids_in_range([], 5) and ids_in_range([0, 4], 5) and not ids_in_range([0, 5], 5)
+    assert not ids_in_range([-1, 2], 5)
+    reqs = [TokenizedEmbeddingReqInput(str(i), None, [1] * n) for i, n in enumerate([3, 4, 1, 10, 2, 2])]
+    parts = chunk_by_tokens(reqs, 5)
+    assert [[r.rid for r in p] for p in parts] == [["0", "1"], ["2", "3"], ["4", "5"]]
+    assert chunk_by_tokens([], 5) == [] and len(chunk_by_tokens(reqs, 10**9)) == 1

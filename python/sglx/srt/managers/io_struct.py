@@ -18,6 +18,25 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def is_int_list(x: Any) -> bool:
+    """A list of integers (bools excluded). The common case, plain ints, is checked at C speed: a Python loop
+    over the 1.9M ids of a 512-input embedding request took 0.24 s of the host's time before the first batch."""
+    if not isinstance(x, list):
+        return False
+    types = set(map(type, x))
+    return types <= {int} or all(_is_int(v) for v in x)
+
+
+def ids_in_range(ids: List[int], vocab_size: int) -> bool:
+    """Every id in [0, vocab_size) (min and max at C speed)."""
+    return not ids or (min(ids) >= 0 and max(ids) < vocab_size)
+
+
+def _ids_shape_ok(ids: Any) -> bool:
+    """A list of integers, or a list of lists of integers."""
+    return is_int_list(ids) or (isinstance(ids, list) and all(is_int_list(row) for row in ids))
+
+
 # ----------------------------------------------------------------------------- HTTP-facing inputs
 @dataclass
 class GenerateReqInput:
@@ -43,11 +62,7 @@ class GenerateReqInput:
         if t is not None and not (isinstance(t, str) or (isinstance(t, list) and all(isinstance(x, str) for x in t))):
             raise ValueError("text must be a string or a list of strings")
         if ids is not None:
-            ok_flat = isinstance(ids, list) and all(_is_int(x) for x in ids)
-            ok_nested = isinstance(ids, list) and all(
-                isinstance(row, list) and all(_is_int(x) for x in row) for row in ids
-            )
-            if not (ok_flat or ok_nested):
+            if not _ids_shape_ok(ids):
                 raise ValueError("input_ids must be a list of integers or a list of lists of integers")
         sp = self.sampling_params
         if sp is not None and not isinstance(sp, dict) and not (
@@ -115,11 +130,7 @@ class EmbeddingReqInput:
             if any(x == "" for x in (t if isinstance(t, list) else [t])):
                 raise ValueError("an input string is empty")
         else:
-            ok_flat = isinstance(ids, list) and all(_is_int(x) for x in ids)
-            ok_nested = isinstance(ids, list) and all(
-                isinstance(row, list) and all(_is_int(x) for x in row) for row in ids
-            )
-            if not (ok_flat or ok_nested):
+            if not _ids_shape_ok(ids):
                 raise ValueError("input_ids must be a list of integers or a list of lists of integers")
             if not ids or any(isinstance(row, list) and not row for row in ids):
                 raise ValueError("an input token list is empty")

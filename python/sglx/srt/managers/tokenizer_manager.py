@@ -22,13 +22,15 @@ from sglx.srt.managers.io_struct import (
     EmbeddingReqInput,
     FlushCacheReqInput,
     FlushCacheReqOutput,
-    ProfileReq,
-    ProfileReqOutput,
     GenerateReqInput,
     GetInternalStateReq,
     GetInternalStateReqOutput,
+    ProfileReq,
+    ProfileReqOutput,
     TokenizedEmbeddingReqInput,
     TokenizedGenerateReqInput,
+    ids_in_range,
+    is_int_list,
     new_rid,
 )
 from sglx.srt.sampling.sampling_params import SamplingParams
@@ -36,6 +38,23 @@ from sglx.srt.server_args import ServerArgs
 from sglx.srt.utils import PortArgs, get_zmq_socket
 
 logger = logging.getLogger(__name__)
+
+# Tokens per scheduler message of a batched embedding request: a 1.9M-token request of 512 inputs sent as one
+# message kept the GPU idle ~0.3 s while it was pickled and unpickled whole (docs/benchmarks.md).
+EMBED_MESSAGE_TOKENS = 65536
+
+
+def chunk_by_tokens(reqs: List[TokenizedEmbeddingReqInput], budget: int) -> List[List[TokenizedEmbeddingReqInput]]:
+    """Consecutive groups of requests, each closed once it holds `budget` tokens or more (order kept)."""
+    parts: List[List[TokenizedEmbeddingReqInput]] = [[]]
+    tokens = 0
+    for r in reqs:
+        if tokens >= budget:
+            parts.append([])
+            tokens = 0
+        parts[-1].append(r)
+        tokens += len(r.input_ids)
+    return [p for p in parts if p]
 
 CLIENT_ABORT = "aborted by the client"
 DISCONNECT_POLL_S = 1.0
@@ -148,9 +167,9 @@ class TokenizerManager:
             input_ids = self.tokenizer.encode(obj.text)
         else:
             ids = obj.input_ids
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            if not is_int_list(ids):
                 raise ValueError("input_ids must be a list of integers or a list of lists of integers")
-            if any(t < 0 or t >= self.vocab_size for t in ids):
+            if not ids_in_range(ids, self.vocab_size):
                 raise ValueError(f"input_ids must be in [0, {self.vocab_size})")
             input_ids = list(ids)
         if not input_ids:
@@ -240,7 +259,7 @@ class TokenizerManager:
             enc = self.tokenizer(text, truncation=truncate, max_length=limit if truncate else None)
             input_ids, types = list(enc["input_ids"]), enc.get("token_type_ids")
         else:
-            if any(t < 0 or t >= self.vocab_size for t in ids):
+            if not ids_in_range(ids, self.vocab_size):
                 raise ValueError(f"input_ids must be in [0, {self.vocab_size})")
             input_ids = list(ids[:limit] if truncate else ids)
         if not input_ids:
@@ -256,7 +275,9 @@ class TokenizerManager:
 
     async def embedding_request(self, obj: EmbeddingReqInput, request: Any = None) -> Any:
         """One dict {"embedding", "meta_info"} for a single input, a list of them for a batch. All inputs
-        are validated before any is sent, and sent as one message so the scheduler batches them."""
+        are validated before any is sent (a bad one rejects the request whole); then they go in messages of
+        about EMBED_MESSAGE_TOKENS tokens, so the scheduler starts on the first while the rest are pickled and
+        sent, and batches across them as they queue."""
         self._ensure_loop()
         if not self.is_embedding:
             raise ValueError("this server serves a generation model; start it with --is-embedding for embeddings")
@@ -267,7 +288,8 @@ class TokenizerManager:
             raise ValueError("duplicate request id")
         states = [ReqState(stream=False) for _ in tokenized]
         self.rid_to_state.update(zip(rids, states))
-        self.send_to_scheduler.send_pyobj(BatchTokenizedEmbeddingReqInput(tokenized))
+        for part in chunk_by_tokens(tokenized, EMBED_MESSAGE_TOKENS):
+            self.send_to_scheduler.send_pyobj(BatchTokenizedEmbeddingReqInput(part))
         try:
             outs = [await self._wait_embedding(rid, st, request) for rid, st in zip(rids, states)]
         finally:

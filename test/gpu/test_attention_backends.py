@@ -183,6 +183,31 @@ def test_skip_kv_cache_never_touches_the_pool(name):
         assert torch.equal(b0, b1), "the skip-KV path wrote the pool"
 
 
+def _qkv_column_views(q, k, v):
+    """q, k, v as column slices of one [T, q + k + v + 8] tensor (rows a qkv width apart), as models pass them."""
+    qkv = torch.cat([q, k, v, torch.full_like(q[:, :8], float("nan"))], dim=-1)
+    views = qkv[:, :-8].split([q.shape[1], k.shape[1], v.shape[1]], dim=-1)
+    assert not any(x.is_contiguous() for x in views)
+    return views
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("kind,page_size,skip_kv", [
+    ("prefill", 1, False), ("prefix", 16, False), ("decode", 1, False), ("decode", 16, False), ("prefill", 1, True),
+])
+def test_row_strided_qkv_views_match_contiguous(name, kind, page_size, skip_kv):
+    """q/k/v as views of one qkv tensor (models no longer copy v): the same output, bit for bit, and the same
+    KV pool as contiguous copies, on every GPU backend (flashinfer's kernels read the row strides)."""
+    fb, layer, q, k, v = build(Case(LENS[kind], MODES[kind], page_size, 16, 4, 128))
+    fb.skip_kv_cache = skip_kv
+    fb_ref = with_pool(fb, torch.bfloat16)
+    got = run_backend(name, fb, layer, *_qkv_column_views(q, k, v))
+    want = run_backend(name, fb_ref, layer, q, k, v)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(fb.token_to_kv_pool.get_kv_buffer(0), fb_ref.token_to_kv_pool.get_kv_buffer(0)):
+        assert torch.equal(a, b), "the KV store of strided k/v differs"
+
+
 def test_flash_attn_one_shot_helpers():
     """flash_attn_varlen_func / flash_attn_with_kvcache (fa3) against torch_native's reference."""
     from sglx.srt.layers.attention.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache

@@ -39,8 +39,11 @@ from sglx.srt.utils import PortArgs, get_zmq_socket
 
 logger = logging.getLogger(__name__)
 
-# Tokens per scheduler message of a batched embedding request: a 1.9M-token request of 512 inputs sent as one
-# message kept the GPU idle ~0.3 s while it was pickled and unpickled whole (docs/benchmarks.md).
+CLIENT_ABORT = "aborted by the client"
+DISCONNECT_POLL_S = 1.0
+# Tokens per scheduler message of a batched embedding request. Sent whole, a 512-input, 1.9M-token request
+# reached the scheduler only after all of it was pickled, sent and unpickled (~0.16 s of one CPU core), with
+# the GPU idle meanwhile; in parts, the first batch starts after the first part (docs/benchmarks.md).
 EMBED_MESSAGE_TOKENS = 65536
 
 
@@ -55,9 +58,6 @@ def chunk_by_tokens(reqs: List[TokenizedEmbeddingReqInput], budget: int) -> List
         parts[-1].append(r)
         tokens += len(r.input_ids)
     return [p for p in parts if p]
-
-CLIENT_ABORT = "aborted by the client"
-DISCONNECT_POLL_S = 1.0
 
 
 @dataclass

@@ -176,12 +176,12 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
-def run_forward(runner: Any, lens: List[int], gen: torch.Generator, keep_slots: bool = False,
+def run_forward(runner: Any, lens: List[int], gen: torch.Generator,
                 launch_times: Optional[List[float]] = None) -> float:
     """One embedding forward of requests of `lens` tokens (random ids), with rows and KV slots taken from the
-    runner's pools as the scheduler would; returns its wall seconds. The rows and slots are released unless
-    keep_slots. `launch_times` gets the seconds until the forward returned to the host, before the sync: when
-    that is close to the wall time, the host's launches, not the GPU, set the pace."""
+    runner's pools as the scheduler would, and released after; returns its wall seconds. `launch_times` gets
+    the seconds until the forward returned to the host, before the sync: when that is close to the wall time,
+    the host's launches, not the GPU, set the pace."""
     from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
 
     pool, alloc = runner.req_to_token_pool, runner.token_to_kv_pool_allocator
@@ -207,9 +207,8 @@ def run_forward(runner: Any, lens: List[int], gen: torch.Generator, keep_slots: 
     wall = time.perf_counter() - t0
     if tuple(out.shape) != (len(lens), runner.model_config.hidden_size):
         raise RuntimeError(f"embedding batch of shape {tuple(out.shape)} for {len(lens)} requests")
-    if not keep_slots:
-        runner.req_to_token_pool.clear()
-        runner.token_to_kv_pool_allocator.clear()
+    runner.req_to_token_pool.clear()
+    runner.token_to_kv_pool_allocator.clear()
     return wall
 
 

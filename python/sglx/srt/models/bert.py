@@ -59,8 +59,9 @@ class BertSelfAttention(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        # Row-strided column views of qkv: every backend reads the strides (as LlamaAttention passes them).
         q, k, v = self.qkv_proj(hidden_states).chunk(3, dim=-1)
-        return self.attn(q.contiguous(), k.contiguous(), v.contiguous(), fb)
+        return self.attn(q, k, v, fb)
 
 
 class BertDenseLayerNorm(nn.Module):

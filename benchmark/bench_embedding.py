@@ -6,9 +6,12 @@
   skip   the default: KV cache skipped (NoOpKVPool, attention on the raw k/v of the batch);
   cache  --disable-embedding-skip-kv-cache: the KV pool is reserved and written as usual.
 Both run with --is-embedding, the radix cache and chunked prefill off. Per mode: warm up, then time
---repeats (median) `encode` calls of all inputs submitted at once (one message: the scheduler sees them all), and report items/s,
+--repeats (median) `encode` calls of all inputs submitted at once (sent in ~64k-token messages), and report items/s,
 input tokens/s and wall seconds; the two modes' embeddings must agree (cosine >= 0.999 on a subset).
 --schedule overlap sync times each mode with and without the overlap schedule (one Engine each).
+--forwards times the model runner alone on the batches the scheduler would form (--forward-modes, default
+--modes); its extra mode pool-read is the cache mode with every batch's k/v stored and then read back from the
+pool through the page table (flashinfer/fa3), as SGLang's FA backend attended before seed 000.
 Then, per mode, a ModelRunner built directly with the same arguments finds the largest prefill (tokens of
 one forward, requests of ~4096 tokens) that runs without CUDA OOM: doubling, then bisecting to ~5%.
 
@@ -53,6 +56,9 @@ from sglx.srt.server_args import ServerArgs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("skip", "cache")
+# --forwards only: the cache mode with every prefix-free batch read back from the pool through the page table
+# (flashinfer/fa3 backends), as SGLang's FA backend attended before seed 000: the baseline of the seeds' +21%.
+POOL_READ = "pool-read"
 COSINE_GOAL = 0.999
 def make_inputs(num: int, min_len: int, max_len: int, vocab: int, seed: int) -> List[List[int]]:
     """`num` inputs, lengths uniform in [min_len, max_len], ids uniform in [0, vocab)."""
@@ -258,6 +264,7 @@ def build_mode_runner(args: argparse.Namespace, mode: str) -> Any:
     from sglx.srt.managers.scheduler import embedding_server_args
     from sglx.srt.model_executor.model_runner import ModelRunner
 
+    release_runner(None)  # a previous mode's runner may linger in a reference cycle, holding its KV pool
     sa = mode_server_args(args, mode)
     cfg = ModelConfig.from_path(sa.model_path, dtype=sa.dtype, context_length=sa.context_length,
                                 is_embedding=True, device=sa.device)
@@ -317,14 +324,27 @@ def forward_flops(runner: Any, lens: Sequence[int]) -> int:
     return 2 * sum(lens) * params + (4 if cfg.is_encoder_only else 2) * square
 
 
+def read_prefix_free_from_pool(runner: Any) -> None:
+    """Make the runner's prefill backend attend prefix-free batches from the pool (the pool-read mode)."""
+    from sglx.srt.layers.attention.base_attn_backend import HybridAttnBackend
+
+    backend = runner.attn_backend
+    backend = backend.prefill if isinstance(backend, HybridAttnBackend) else backend
+    if not hasattr(backend, "ragged_prefix_free"):
+        raise ValueError(f"{POOL_READ} needs the flashinfer or fa3 prefill backend, not {type(backend).__name__}")
+    backend.ragged_prefix_free = False
+
+
 def forwards_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]]) -> Dict[str, Any]:
     """The model runner alone on the whole workload: every batch the scheduler would form, forward by forward
     (synchronized), so the Engine's items/s can be read against its forward time. Then one forward of the
     first batch under torch.profiler: its kernels by device time."""
     from sglx.bench_one_batch import _device_table, matmul_rate
 
-    runner = build_mode_runner(args, mode)
+    runner = build_mode_runner(args, "cache" if mode == POOL_READ else mode)
     try:
+        if mode == POOL_READ:
+            read_prefix_free_from_pool(runner)
         gen = torch.Generator().manual_seed(args.seed)
         batches = pack_batches([len(x) for x in inputs], runner.server_args.max_prefill_tokens)
         for lens in batches[:2]:  # warm-up
@@ -417,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-encode", action="store_true", help="only the largest-batch search")
     p.add_argument("--forwards", action="store_true",
                    help="also time the model runner alone on the workload's batches and profile one forward")
+    p.add_argument("--forward-modes", nargs="+", choices=MODES + (POOL_READ,), default=None,
+                   help=f"the runners of --forwards (default: --modes); {POOL_READ}: the cache mode with attention "
+                        "reading each batch's k/v back from the pool through the page table (flashinfer/fa3)")
     p.add_argument("--profile-top", type=int, default=25, help="kernels listed by --forwards")
     p.add_argument("--largest-batch-request-len", type=int, default=4096)
     p.add_argument("--largest-batch-max-tokens", type=int, default=None, help="cap of the search")
@@ -440,7 +463,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     records: List[Dict[str, Any]] = []
     kept: Dict[str, torch.Tensor] = {}
     parts = [] if args.skip_encode else [("encode", m, sched) for sched in args.schedule for m in args.modes]
-    parts += [("forwards", m, "overlap") for m in args.modes] if args.forwards else []
+    parts += [("forwards", m, "overlap") for m in (args.forward_modes or args.modes)] if args.forwards else []
     parts += [] if args.skip_largest_batch else [("largest_batch", m, "overlap") for m in args.modes]
     for part, mode, sched in parts:  # every engine is gone before the in-process runners take the card
         print(f"== {part} [{mode}{'/sync' if sched == 'sync' else ''}]", flush=True)

@@ -183,6 +183,25 @@ def test_skip_kv_cache_never_touches_the_pool(name):
         assert torch.equal(b0, b1), "the skip-KV path wrote the pool"
 
 
+@pytest.mark.parametrize("name", ["flashinfer", "fa3"])
+@pytest.mark.parametrize("page_size,causal", [(1, True), (16, True), (1, False)])
+def test_prefix_free_batch_read_back_from_the_pool(name, page_size, causal):
+    """ragged_prefix_free=False (bench_embedding's pool-read baseline): a prefix-free batch is stored, then
+    attended from the pool through the page table; the same output as torch_native, the same pool."""
+    fb, layer, q, k, v = build(Case(LENS["prefill"], E, page_size, 16, 4, 128, causal=causal))
+    fb_ref = with_pool(fb, torch.bfloat16)
+    want = run_backend("torch_native", fb_ref, layer, q, k, v)
+    backend = create_attention_backend(name, SimpleNamespace(device=torch.device(DEVICE)))
+    backend.ragged_prefix_free = False
+    fb.attn_backend = backend
+    backend.init_forward_metadata(fb)
+    assert backend.plan.kind == "paged"
+    got = backend.forward(q, k, v, layer, fb, out=torch.empty_like(want))
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    for a, b in zip(fb.token_to_kv_pool.get_kv_buffer(0), fb_ref.token_to_kv_pool.get_kv_buffer(0)):
+        assert torch.equal(a, b), "the KV store differs"
+
+
 def _qkv_column_views(q, k, v):
     """q, k, v as column slices of one [T, q + k + v + 8] tensor (rows a qkv width apart), as models pass them."""
     qkv = torch.cat([q, k, v, torch.full_like(q[:, :8], float("nan"))], dim=-1)

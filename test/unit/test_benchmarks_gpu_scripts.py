@@ -136,6 +136,17 @@ def test_forwards_mode_times_every_batch_and_counts_flops(qwen3_dir):
     assert rec["tflops"] == pytest.approx(flops / rec["forward_s"] / 1e12)
 
 
+def test_pool_read_mode_needs_a_flashinfer_family_prefill_backend(qwen3_dir):
+    """The pool-read baseline flips the flashinfer/fa3 backends' switch; on CPU (torch_native) it must say it
+    cannot, not silently time the cache path under its name."""
+    args = be.build_parser().parse_args(["--model-path", qwen3_dir, "--max-total-tokens", "4096",
+                                         "--forwards", "--forward-modes", "skip", "pool-read"])
+    assert args.forward_modes == ["skip", "pool-read"]
+    args.tokenizer_path = None
+    with pytest.raises(ValueError, match="pool-read needs the flashinfer or fa3 prefill backend"):
+        be.forwards_mode(args, be.POOL_READ, be.make_inputs(2, 5, 9, VOCAB, 0))
+
+
 def test_bench_embedding_end_to_end(qwen3_dir, tmp_path):
     out = tmp_path / "emb.jsonl"
     n, lo, hi = 10, 5, 60

@@ -97,6 +97,10 @@ class FlashInferAttnBackend(AttentionBackend):
         self.paged_op = flash_attn.PagedAttention(self.device, kernel)
         self.decode_ops: Dict[bool, Any] = {}  # by use_tensor_cores
         self.plan: Optional[_Plan] = None
+        # False: a prefix-free extend batch (skip-KV excepted) is stored, then read back from the pool through
+        # the page table like a prefix batch, as SGLang's FA backend attends every extend. Slower; only
+        # bench_embedding's `pool-read` mode sets it, to measure what seed 000 saved against that baseline.
+        self.ragged_prefix_free = True
         self._graph_decodes: Dict[int, Any] = {}
         self._graph_bufs: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
@@ -134,7 +138,7 @@ class FlashInferAttnBackend(AttentionBackend):
             return
         qo_indptr = torch.zeros(fb.batch_size + 1, dtype=torch.int32)
         torch.cumsum(torch.tensor(fb.extend_seq_lens_cpu, dtype=torch.int32), 0, out=qo_indptr[1:])
-        if fb.skip_kv_cache or not any(fb.extend_prefix_lens_cpu):
+        if fb.skip_kv_cache or (self.ragged_prefix_free and not any(fb.extend_prefix_lens_cpu)):
             self.plan = _Plan("ragged", self.varlen_op, ps, (qo_indptr, qo_indptr))
             return
         table = self._page_table(ps, r2t.req_to_token, fb.req_pool_indices, fb.seq_lens, fb.seq_lens_cpu)

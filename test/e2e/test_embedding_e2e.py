@@ -14,7 +14,9 @@ import base64
 import concurrent.futures as cf
 import importlib.util
 import os
+import socket
 import struct
+import time
 
 import numpy as np
 import openai
@@ -178,6 +180,27 @@ def test_smollm_decoder_embeddings(smollm):
     assert smollm.server_info()["internal_state"]["evictable_kv_tokens"] > 0
     assert post(smollm, "/v1/embeddings", {"input": []}).status_code == 400
     assert post(smollm, "/encode", {"text": "ok"}).status_code == 200
+
+
+def test_minilm_client_disconnect_aborts_the_rest(minilm):
+    """A client that drops a large /v1/embeddings request: the inputs still queued are aborted (counted by the
+    scheduler), the server goes idle with no KV leak, and serves the next request."""
+    before = minilm.server_info()["internal_state"]["num_aborted_reqs"]
+    n = 600  # ~120k tokens: tens of seconds of CPU work, so the drop lands while most inputs still wait
+    body = requests.models.complexjson.dumps({"input": [[101] + [2023 + i % 50] * 198 + [102] for i in range(n)]})
+    host, port = minilm.base_url.replace("http://", "").split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body.encode())
+    time.sleep(1.5)
+    s.close()
+    deadline, state = time.time() + 120, minilm.server_info()["internal_state"]
+    while not (state["is_idle"] and state["num_aborted_reqs"] > before) and time.time() < deadline:
+        time.sleep(0.5)
+        state = minilm.server_info()["internal_state"]
+    assert state["is_idle"] and state["kv_leak_free"]
+    assert state["num_aborted_reqs"] - before > n // 2, "the dropped request's inputs kept running"
+    assert post(minilm, "/v1/embeddings", {"input": "still here"}).status_code == 200
 
 
 # ----------------------------------------------------------------------------- Engine

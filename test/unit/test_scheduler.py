@@ -56,6 +56,12 @@ def test_prefix_reuse_and_abort(tmp_path):
     finished = run_until_idle(s)
     assert finished["d"][0]["type"] == "abort" and finished["d"][1] < 1000
     assert s.internal_state()["kv_leak_free"]
+    # A queued request aborted before it ran counts too; finished ones do not.
+    submit(s, "e", [5, 6, 7], 4)
+    s.process_input(AbortReq(rid="e"))
+    (msg,) = s.send_to_detokenizer.msgs
+    assert msg.rids == ["e"] and msg.finished_reasons[0]["type"] == "abort" and s.is_idle()
+    assert s.internal_state()["num_aborted_reqs"] == 2
 
 
 def test_prefill_batch_respects_max_prefill_tokens(tmp_path):

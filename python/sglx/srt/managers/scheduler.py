@@ -128,6 +128,7 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.forward_ct = 0
         self.num_retracted = 0
+        self.num_aborted = 0  # queued requests that ended aborted (a client gone or asking, or a server limit)
         # Overlap schedule: the launched step whose results are not processed yet.
         self.enable_overlap = not server_args.disable_overlap_schedule
         self.inflight: Optional[Tuple[ScheduleBatch, BatchResult]] = None
@@ -181,6 +182,7 @@ class Scheduler:
             "num_running_reqs": len(self.running_reqs),
             "num_waiting_reqs": len(self.waiting_queue),
             "num_retracted_reqs": self.num_retracted,
+            "num_aborted_reqs": self.num_aborted,
             "is_idle": idle,
             # The invariant: idle => every KV slot is free or held (unlocked) by the prefix cache.
             "kv_leak_free": (not idle) or (free + evictable == self.max_total_num_tokens and protected == 0),
@@ -321,6 +323,7 @@ class Scheduler:
                 if r.req_pool_idx is not None:  # a retracted request holds nothing; be safe anyway
                     self.tree_cache.cache_finished_req(r, r.kv_token_ids())
                 r.finished_reason = finish_abort("aborted by the client")
+                self.num_aborted += 1
                 self.stream_output([r])
         for r in self.running_reqs + ([self.chunked_req] if self.chunked_req else []):
             if m.abort_all or r.rid == m.rid:
@@ -523,6 +526,8 @@ class Scheduler:
 
     def finish_req(self, req: Req) -> None:
         self.tree_cache.cache_finished_req(req, req.kv_token_ids())
+        if req.finished_reason is not None and req.finished_reason.get("type") == "abort":
+            self.num_aborted += 1
 
     # ------------------------------------------------------------------ output
     def stream_output(self, reqs: List[Req]) -> None:

@@ -11,7 +11,8 @@ input tokens/s and wall seconds; the two modes' embeddings must agree (cosine >=
 --schedule overlap sync times each mode with and without the overlap schedule (one Engine each).
 --forwards times the model runner alone on the batches the scheduler would form (--forward-modes, default
 --modes); its extra mode pool-read is the cache mode with every batch's k/v stored and then read back from the
-pool through the page table (flashinfer/fa3), as SGLang's FA backend attended before seed 000.
+pool through the page table (flashinfer/fa3), as SGLang's FA backend attended before seed 000; pre-seeds adds
+the device-to-device copy of each attention output that seed 001 removed (SGLang before both seeds).
 Then, per mode, a ModelRunner built directly with the same arguments finds the largest prefill (tokens of
 one forward, requests of ~4096 tokens) that runs without CUDA OOM: doubling, then bisecting to ~5%.
 
@@ -59,6 +60,9 @@ MODES = ("skip", "cache")
 # --forwards only: the cache mode with every prefix-free batch read back from the pool through the page table
 # (flashinfer/fa3 backends), as SGLang's FA backend attended before seed 000: the baseline of the seeds' +21%.
 POOL_READ = "pool-read"
+# --forwards only: pool-read plus the per-layer device-to-device copy of attention's output that `out=` removed
+# (seed 001): SGLang before both seeds, the baseline the issue's "+21% with the DtoD fix" was measured from.
+PRE_SEEDS = "pre-seeds"
 COSINE_GOAL = 0.999
 def make_inputs(num: int, min_len: int, max_len: int, vocab: int, seed: int) -> List[List[int]]:
     """`num` inputs, lengths uniform in [min_len, max_len], ids uniform in [0, vocab)."""
@@ -335,16 +339,29 @@ def read_prefix_free_from_pool(runner: Any) -> None:
     backend.ragged_prefix_free = False
 
 
+def copy_attention_output(runner: Any) -> None:
+    """Every attention layer writes a scratch tensor that is then copied into its output (the pre-seeds mode)."""
+    from sglx.srt.layers.radix_attention import RadixAttention
+
+    layers = [m for m in runner.model.modules() if isinstance(m, RadixAttention)]
+    for layer in layers:
+        layer.force_output_copy = True
+    if not layers:
+        raise ValueError("the model has no RadixAttention layer")
+
+
 def forwards_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]]) -> Dict[str, Any]:
     """The model runner alone on the whole workload: every batch the scheduler would form, forward by forward
     (synchronized), so the Engine's items/s can be read against its forward time. Then one forward of the
     first batch under torch.profiler: its kernels by device time."""
     from sglx.bench_one_batch import _device_table, matmul_rate
 
-    runner = build_mode_runner(args, "cache" if mode == POOL_READ else mode)
+    runner = build_mode_runner(args, "cache" if mode in (POOL_READ, PRE_SEEDS) else mode)
     try:
-        if mode == POOL_READ:
+        if mode in (POOL_READ, PRE_SEEDS):
             read_prefix_free_from_pool(runner)
+        if mode == PRE_SEEDS:
+            copy_attention_output(runner)
         gen = torch.Generator().manual_seed(args.seed)
         batches = pack_batches([len(x) for x in inputs], runner.server_args.max_prefill_tokens)
         for lens in batches[:2]:  # warm-up
@@ -437,9 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-encode", action="store_true", help="only the largest-batch search")
     p.add_argument("--forwards", action="store_true",
                    help="also time the model runner alone on the workload's batches and profile one forward")
-    p.add_argument("--forward-modes", nargs="+", choices=MODES + (POOL_READ,), default=None,
+    p.add_argument("--forward-modes", nargs="+", choices=MODES + (POOL_READ, PRE_SEEDS), default=None,
                    help=f"the runners of --forwards (default: --modes); {POOL_READ}: the cache mode with attention "
-                        "reading each batch's k/v back from the pool through the page table (flashinfer/fa3)")
+                        "reading each batch's k/v back from the pool through the page table (flashinfer/fa3); "
+                        f"{PRE_SEEDS}: {POOL_READ} plus a copy of each attention output (no out=)")
     p.add_argument("--profile-top", type=int, default=25, help="kernels listed by --forwards")
     p.add_argument("--largest-batch-request-len", type=int, default=4096)
     p.add_argument("--largest-batch-max-tokens", type=int, default=None, help="cap of the search")

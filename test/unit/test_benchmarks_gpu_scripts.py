@@ -147,6 +147,28 @@ def test_pool_read_mode_needs_a_flashinfer_family_prefill_backend(qwen3_dir):
         be.forwards_mode(args, be.POOL_READ, be.make_inputs(2, 5, 9, VOCAB, 0))
 
 
+def test_copy_attention_output_flags_every_layer_and_keeps_the_result(qwen3_dir):
+    """pre-seeds' per-layer output copy: every attention layer takes the copy path, and the embeddings are the
+    same bits as with out= (the copy only moves them)."""
+    from sglx.srt.layers.radix_attention import RadixAttention
+    from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
+
+    args = be.build_parser().parse_args(["--model-path", qwen3_dir, "--max-total-tokens", "4096"])
+    args.tokenizer_path = None
+    runner = be.build_mode_runner(args, "skip")
+    lens, ids = [7, 12], torch.randint(0, VOCAB, (19,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def embed():
+        batch = ModelWorkerBatch(ForwardMode.EXTEND, ids, [0, 1], lens, [0, 0], torch.arange(1, 20), is_embedding=True)
+        return runner.forward_batch_embedding(batch).clone()
+
+    want = embed()
+    be.copy_attention_output(runner)
+    layers = [m for m in runner.model.modules() if isinstance(m, RadixAttention)]
+    assert len(layers) == LAYERS and all(m.force_output_copy for m in layers)
+    assert torch.equal(embed(), want)
+
+
 def test_bench_embedding_end_to_end(qwen3_dir, tmp_path):
     out = tmp_path / "emb.jsonl"
     n, lo, hi = 10, 5, 60

@@ -10,6 +10,8 @@ import torch
 
 # Architectures that produce embeddings rather than next-token logits, whatever the caller asked for.
 EMBEDDING_ARCHITECTURES = frozenset({"BertModel", "RobertaModel", "XLMRobertaModel"})
+# Encoders whose position ids start at pad_token_id + 1: pad_token_id + 1 rows of the table are never a token's.
+_PAD_OFFSET_POSITIONS = frozenset({"RobertaModel", "XLMRobertaModel"})
 
 # Keys that different model families use for their trained context length, most common first.
 _CONTEXT_LEN_KEYS = (
@@ -82,10 +84,12 @@ def resolve_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:
     return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def derive_context_len(text_config: Any) -> int:
+def derive_context_len(text_config: Any, architecture: str = "") -> int:
     for key in _CONTEXT_LEN_KEYS:
         value = getattr(text_config, key, None)
         if isinstance(value, int) and value > 0:
+            if architecture in _PAD_OFFSET_POSITIONS and key == "max_position_embeddings":
+                value -= int(getattr(text_config, "pad_token_id", 1) or 0) + 1  # RoBERTa: 514 -> 512
             return value
     return 2048  # the config names no limit at all; a conservative guess beats failing
 
@@ -133,12 +137,16 @@ class ModelConfig:
         num_heads = int(text.num_attention_heads)
         num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+        derived = derive_context_len(text, architecture)
+        if architecture in EMBEDDING_ARCHITECTURES and context_length is not None and context_length > derived:
+            raise ValueError(f"--context-length {context_length} is longer than {architecture}'s learned position "
+                             f"table allows ({derived} tokens)")
         return ModelConfig(
             model_path=model_path,
             hf_config=hf_config,
             architecture=architecture,
             dtype=resolve_dtype(dtype, hf_config, device),
-            context_len=context_length if context_length is not None else derive_context_len(text),
+            context_len=context_length if context_length is not None else derived,
             vocab_size=int(text.vocab_size),
             hidden_size=int(text.hidden_size),
             num_hidden_layers=int(text.num_hidden_layers),

@@ -1,10 +1,12 @@
-"""BERT encoder (BertModel, e.g. all-MiniLM-L6-v2) for embedding serving.
+"""BERT encoders for embedding serving: BertModel (e.g. all-MiniLM-L6-v2), RobertaModel and XLMRobertaModel
+(e.g. all-distilroberta-v1, multilingual-e5, bge-m3).
 
 Bidirectional attention through RadixAttention(is_causal=False), absolute position and token-type
 embeddings, post-LN layers. Module names follow transformers so checkpoints load by name; only query/key/value
 are fused into one matmul. `forward` returns the last hidden states [num_tokens, hidden] (transformers'
 `last_hidden_state`); pooling happens in the model runner. BERT's own `pooler` (dense + tanh on [CLS]) is not
-used by sentence embeddings, so its weights are skipped.
+used by sentence embeddings, so its weights are skipped. RoBERTa differs only in its position ids (counted
+from pad_token_id + 1, over non-pad tokens), its checkpoint prefix and a one-row token-type table.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ _ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 # Checkpoint tensors that are not part of the encoder we serve.
-_SKIPPED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
+_SKIPPED_PREFIXES = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids")
 _QKV = {"query": "q", "key": "k", "value": "v"}
 
 
@@ -128,17 +130,25 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
 
+    # A checkpoint's tensors may carry the task model's prefix (BertFor*, RobertaFor*).
+    checkpoint_prefix = "bert."
+
+    def position_ids(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return positions
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         token_type_ids = fb.token_type_ids if fb.token_type_ids is not None else torch.zeros_like(input_ids)
-        hidden_states = self.embeddings(input_ids, positions, token_type_ids)
+        hidden_states = self.embeddings(input_ids, self.position_ids(input_ids, positions), token_type_ids)
         for layer in self.encoder.layer:
             hidden_states = layer(hidden_states, fb)
         return hidden_states
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        prefix = self.checkpoint_prefix
+
         def strip(name: str) -> str:
-            return name[len("bert."):] if name.startswith("bert.") else name  # BertFor* checkpoints
+            return name[len(prefix):] if name.startswith(prefix) else name
 
         named = ((strip(n), t) for n, t in weights)
         load_named_weights(self, ((n, t) for n, t in named if not n.startswith(_SKIPPED_PREFIXES)), _route_qkv)
@@ -151,4 +161,26 @@ def _route_qkv(name: str) -> Optional[Tuple[str, str, str]]:
     return None
 
 
-EntryClass = [BertModel]
+class RobertaModel(BertModel):
+    """transformers' position ids for RoBERTa: pad_token_id + the count of non-pad tokens so far in the
+    sequence (a pad token itself gets pad_token_id). Encoders always run whole requests (no cached prefix), so
+    a token's sequence starts `positions` tokens before it in the flat batch."""
+
+    checkpoint_prefix = "roberta."
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.padding_idx = int(config.pad_token_id)
+
+    def position_ids(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        real = (input_ids != self.padding_idx).long()
+        counts = F.pad(torch.cumsum(real, 0), (1, 0))  # counts[i] = real tokens among the first i
+        idx = torch.arange(1, input_ids.shape[0] + 1, device=input_ids.device)
+        return (counts[idx] - counts[idx - 1 - positions]) * real + self.padding_idx
+
+
+class XLMRobertaModel(RobertaModel):
+    pass
+
+
+EntryClass = [BertModel, RobertaModel, XLMRobertaModel]

@@ -136,7 +136,14 @@ class LlamaForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
     @property
+    def can_generate(self) -> bool:
+        """False after loading a bare-trunk checkpoint without an lm_head: it can only serve embeddings."""
+        return self.tie_word_embeddings or self.lm_head is not None
+
+    @property
     def lm_head_weight(self) -> torch.Tensor:
+        if not self.can_generate:
+            raise RuntimeError("this checkpoint has no lm_head: serve it with --is-embedding")
         return self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
 
     @torch.no_grad()
@@ -145,8 +152,15 @@ class LlamaForCausalLM(nn.Module):
         return self.logits_processor(hidden_states, self.lm_head_weight, fb)
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """transformers' *ForCausalLM names; a bare-trunk checkpoint (transformers' *Model, as Qwen3-Embedding
+        ships under a *ForCausalLM config) has no "model." prefix and no lm_head: its names are prefixed, and
+        without an lm_head the model serves embeddings only (the runner refuses to generate with it)."""
         skip = lambda n: "rotary_emb.inv_freq" in n or (self.tie_word_embeddings and n == "lm_head.weight")
-        load_named_weights(self, ((n, t) for n, t in weights if not skip(n)), _route_stacked)
+        named = ((n if n.startswith(("model.", "lm_head.")) else f"model.{n}", t) for n, t in weights)
+        optional = () if self.tie_word_embeddings else ("lm_head.weight",)
+        loaded = load_named_weights(self, ((n, t) for n, t in named if not skip(n)), _route_stacked, optional)
+        if optional and "lm_head.weight" not in loaded:
+            self.lm_head = None  # drop the uninitialized head: random weights must never be served
 
 
 def _route_stacked(name: str) -> Optional[Tuple[str, str, str]]:

@@ -76,6 +76,9 @@ def get_model(model_config: ModelConfig, load_format: str, device: str) -> torch
         init_dummy_weights(model)
     else:
         model.load_weights(iterate_weights(model_config, load_format))
+    if not model_config.is_embedding and not getattr(model, "can_generate", True):
+        raise ValueError(f"{model_config.model_path} has no lm_head (a bare-trunk checkpoint, such as an embedding "
+                         "model's): serve it with --is-embedding")
     return model.eval()
 
 

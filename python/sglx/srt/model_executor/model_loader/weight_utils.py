@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Collection, Iterable, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -12,9 +12,11 @@ ShardRoute = Callable[[str], Optional[Tuple[str, str, str]]]
 
 
 @torch.no_grad()
-def load_named_weights(model: nn.Module, weights: Iterable[Tuple[str, torch.Tensor]], route: ShardRoute) -> None:
+def load_named_weights(model: nn.Module, weights: Iterable[Tuple[str, torch.Tensor]], route: ShardRoute,
+                       optional: Collection[str] = ()) -> Set[str]:
     """Copy every tensor into its parameter (or fused shard); fail loudly on an unknown name, a shape mismatch
-    or a parameter the checkpoint never provided (random weights must never be served by accident)."""
+    or a parameter the checkpoint never provided (random weights must never be served by accident), unless it
+    is named in `optional`: the caller then learns from the returned loaded names that it is missing."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     loaded = set()
@@ -31,6 +33,7 @@ def load_named_weights(model: nn.Module, weights: Iterable[Tuple[str, torch.Tens
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} != parameter {tuple(params[name].shape)}")
         params[name].copy_(tensor)
         loaded.add(name)
-    missing = set(params) - loaded
+    missing = set(params) - loaded - set(optional)
     if missing:
         raise ValueError(f"checkpoint is missing parameters: {sorted(missing)[:8]}")
+    return loaded

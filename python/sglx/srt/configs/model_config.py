@@ -138,6 +138,8 @@ class ModelConfig:
         num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
         derived = derive_context_len(text, architecture)
+        is_embedding = is_embedding or architecture in EMBEDDING_ARCHITECTURES
+        st_limit = _sentence_transformers_limit(model_path) if is_embedding else None
         if architecture in EMBEDDING_ARCHITECTURES and context_length is not None and context_length > derived:
             raise ValueError(f"--context-length {context_length} is longer than {architecture}'s learned position "
                              f"table allows ({derived} tokens)")
@@ -146,7 +148,7 @@ class ModelConfig:
             hf_config=hf_config,
             architecture=architecture,
             dtype=resolve_dtype(dtype, hf_config, device),
-            context_len=context_length if context_length is not None else derived,
+            context_len=context_length if context_length is not None else min(derived, st_limit or derived),
             vocab_size=int(text.vocab_size),
             hidden_size=int(text.hidden_size),
             num_hidden_layers=int(text.num_hidden_layers),
@@ -154,8 +156,18 @@ class ModelConfig:
             num_key_value_heads=int(num_kv_heads),
             head_dim=int(head_dim),
             is_gguf=model_path.lower().endswith(".gguf"),
-            is_embedding=is_embedding or architecture in EMBEDDING_ARCHITECTURES,
+            is_embedding=is_embedding,
         )
+
+
+def _sentence_transformers_limit(model_path: str) -> Optional[int]:
+    """An embedding model's sentence-transformers max_seq_length, if it has one (see layers/pooler.py)."""
+    if not os.path.isdir(model_path):
+        return None
+    from sglx.srt.layers.pooler import read_sentence_transformers_tokenizer_config
+
+    conf = read_sentence_transformers_tokenizer_config(model_path)
+    return conf.max_seq_length if conf is not None else None
 
 
 def _text_config(hf_config: Any) -> Any:

@@ -66,6 +66,31 @@ def _st_pooling_mode(config: Dict[str, Any]) -> PoolingType:
     return _ST_MODES[on[0]]
 
 
+# The files sentence-transformers' Transformer module reads its max_seq_length and do_lower_case from.
+_ST_TOKENIZER_FILES = tuple(f"sentence_{m}_config.json" for m in
+                            ("bert", "roberta", "distilbert", "camembert", "albert", "xlm-roberta", "xlnet"))
+
+
+@dataclass(frozen=True)
+class StTokenizerConfig:
+    max_seq_length: Optional[int]  # sentence-transformers truncates inputs here (MiniLM: 256 of BERT's 512)
+    do_lower_case: bool  # lowercase the text before tokenizing
+
+
+def read_sentence_transformers_tokenizer_config(model_dir: str) -> Optional[StTokenizerConfig]:
+    """The model's sentence_*_config.json, or None when it has none. sglx takes max_seq_length as the
+    embedding context length (as vLLM does), so an input sentence-transformers would cut is cut (truncate) or
+    refused the same way, instead of embedding tokens the model was never trained to see together."""
+    for name in _ST_TOKENIZER_FILES:
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            conf = _read_json(path)
+            limit = conf.get("max_seq_length")
+            return StTokenizerConfig(limit if isinstance(limit, int) and limit > 0 else None,
+                                     bool(conf.get("do_lower_case", False)))
+    return None
+
+
 def read_sentence_transformers_pooling(model_dir: str, override: Optional[PoolingType] = None) -> Optional[PoolingConfig]:
     """Pooling and normalization as the model's modules.json says (the pooling file is not read when
     `override` replaces it), or None when the model has no such file or no Pooling module."""

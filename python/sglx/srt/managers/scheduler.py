@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -45,7 +46,7 @@ from sglx.srt.managers.io_struct import (
     TokenizedEmbeddingReqInput,
     TokenizedGenerateReqInput,
 )
-from sglx.srt.layers.pooler import PoolingType, resolve_pooling_config
+from sglx.srt.layers.pooler import PoolingType, read_sentence_transformers_tokenizer_config, resolve_pooling_config
 from sglx.srt.managers.schedule_batch import (
     BatchContext,
     Req,
@@ -166,8 +167,10 @@ class Scheduler:
         pooler = self.runner.pooler
         if pooler is None:
             return {}
+        path = self.model_config.model_path
+        st = read_sentence_transformers_tokenizer_config(path) if os.path.isdir(path) else None
         return {"pooling": pooler.config.pooling.value, "normalize": pooler.config.normalize,
-                "embedding_dim": self.model_config.hidden_size}
+                "embedding_dim": self.model_config.hidden_size, "lowercase": bool(st and st.do_lower_case)}
 
     def internal_state(self) -> Dict[str, Any]:
         alloc = self.runner.token_to_kv_pool_allocator

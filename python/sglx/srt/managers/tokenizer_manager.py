@@ -92,6 +92,8 @@ class TokenizerManager:
         self.is_embedding: bool = bool(scheduler_info.get("is_embedding", server_args.is_embedding))
         self.embedding_normalized: bool = bool(scheduler_info.get("normalize", True))
         self.embedding_dim: Optional[int] = scheduler_info.get("embedding_dim")
+        # sentence-transformers' do_lower_case: the text is lowercased before tokenizing, as it does.
+        self.embedding_lowercase: bool = bool(scheduler_info.get("lowercase", False))
         self.zmq_ctx = zmq.asyncio.Context(2)
         self.recv_from_detokenizer = get_zmq_socket(self.zmq_ctx, zmq.PULL, port_args.tokenizer_ipc, bind=True)
         self.send_to_scheduler = get_zmq_socket(self.zmq_ctx, zmq.PUSH, port_args.scheduler_input_ipc, bind=False)
@@ -256,6 +258,7 @@ class TokenizerManager:
         limit = self.max_req_input_len
         types = None
         if text is not None:
+            text = text.lower() if self.embedding_lowercase else text
             enc = self.tokenizer(text, truncation=truncate, max_length=limit if truncate else None)
             input_ids, types = list(enc["input_ids"]), enc.get("token_type_ids")
         else:

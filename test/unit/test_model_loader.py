@@ -246,7 +246,8 @@ def test_embedding_model_config_and_weights() -> None:
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
     config = ModelConfig.from_path(path)
     assert config.architecture == "BertModel" and config.is_embedding
-    assert (config.context_len, config.hidden_size, config.head_dim) == (512, 384, 32)
+    # context: sentence_bert_config.json's max_seq_length (256), not BERT's 512-row position table
+    assert (config.context_len, config.hidden_size, config.head_dim) == (256, 384, 32)
     ref = BertModel.from_pretrained(path).state_dict()
     loaded = dict(iterate_weights(config))
     for name, tensor in loaded.items():

@@ -154,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """transformers' *ForCausalLM names; a bare-trunk checkpoint (transformers' *Model, as Qwen3-Embedding
         ships under a *ForCausalLM config) has no "model." prefix and no lm_head: its names are prefixed, and
-        without an lm_head the model serves embeddings only (the runner refuses to generate with it)."""
+        without an lm_head the model serves embeddings only (the model loader refuses to serve it for generation)."""
         skip = lambda n: "rotary_emb.inv_freq" in n or (self.tie_word_embeddings and n == "lm_head.weight")
         named = ((n if n.startswith(("model.", "lm_head.")) else f"model.{n}", t) for n, t in weights)
         optional = () if self.tie_word_embeddings else ("lm_head.weight",)

@@ -99,7 +99,7 @@ class FlashInferAttnBackend(AttentionBackend):
         self.plan: Optional[_Plan] = None
         # False: a prefix-free extend batch (skip-KV excepted) is stored, then read back from the pool through
         # the page table like a prefix batch, as SGLang's FA backend attends every extend. Slower; only
-        # bench_embedding's `pool-read` mode sets it, to measure what seed 000 saved against that baseline.
+        # bench_embedding's pool-read and pre-seeds modes set it, to rebuild the seeds' baseline.
         self.ragged_prefix_free = True
         self._graph_decodes: Dict[int, Any] = {}
         self._graph_bufs: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None

@@ -58,7 +58,7 @@ from sglx.srt.server_args import ServerArgs
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("skip", "cache")
 # --forwards only: the cache mode with every prefix-free batch read back from the pool through the page table
-# (flashinfer/fa3 backends), as SGLang's FA backend attended before seed 000: the baseline of the seeds' +21%.
+# (flashinfer/fa3 backends), as SGLang's FA backend attended before seed 000: that seed's own baseline.
 POOL_READ = "pool-read"
 # --forwards only: pool-read plus the per-layer device-to-device copy of attention's output that `out=` removed
 # (seed 001): SGLang before both seeds, the baseline the issue's "+21% with the DtoD fix" was measured from.

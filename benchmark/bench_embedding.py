@@ -135,16 +135,24 @@ def traced_encode(eng: GuardedEngine, inputs: List[List[int]], steps: int, out_d
     batches; the trace's GPU idle gaps, charged to the scheduler's phases (trace_gaps.py). Recording CPU ops
     slows the host's launches (a forward's took ~30 -> ~40 ms), so `activities=["GPU"]` gives the truer GPU
     busy time, without the phases."""
-    from trace_gaps import format_summary, load_trace, summarize
+    from trace_gaps import base_time_ns, format_summary, load_trace, summarize
 
     path = eng.engine.start_profile(output_dir=out_dir, num_steps=steps, activities=activities)
+    t0 = time.time_ns()
     eng.encode(inputs)
+    t1 = time.time_ns()
     try:
         eng.engine.stop_profile()  # fewer batches than `steps`: stop by hand
     except RuntimeError:
         pass  # the span ended by itself
-    summary = {"trace_path": path, **summarize(load_trace(path))}
+    summary = {"trace_path": path, "encode_wall_ms": (t1 - t0) / 1e6,
+               **summarize(load_trace(path), base_ns=base_time_ns(path))}
     print(format_summary(summary), flush=True)
+    if "gpu_first_ns" in summary:  # the host's share of the wall: before the first and after the last GPU work
+        summary["host_before_gpu_ms"] = (summary["gpu_first_ns"] - t0) / 1e6
+        summary["host_after_gpu_ms"] = (t1 - summary["gpu_last_ns"]) / 1e6
+        print(f"encode wall {summary['encode_wall_ms']:.1f} ms: {summary['host_before_gpu_ms']:.1f} ms before the "
+              f"first GPU work, {summary['host_after_gpu_ms']:.1f} ms after the last", flush=True)
     return summary
 
 

@@ -23,11 +23,23 @@ PHASE_PREFIX = "sglx::"
 Interval = Tuple[float, float]
 
 
-def load_trace(path: str) -> List[Dict[str, Any]]:
+def _read(path: str) -> Any:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
-        data = json.load(f)
+        return json.load(f)
+
+
+def load_trace(path: str) -> List[Dict[str, Any]]:
+    data = _read(path)
     return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def base_time_ns(path: str) -> Optional[int]:
+    """The trace's `baseTimeNanoseconds`: an event's Unix time is base + ts * 1000 (ts in us), so the GPU's span
+    can be set against wall times the caller took with time.time_ns(). None when the trace has no such key."""
+    data = _read(path)
+    base = data.get("baseTimeNanoseconds") if isinstance(data, dict) else None
+    return int(base) if base is not None else None
 
 
 def merge(intervals: Iterable[Interval]) -> List[Interval]:
@@ -50,10 +62,15 @@ def _spans(events: Sequence[Dict[str, Any]], keep) -> List[Tuple[str, Interval]]
             for e in events if e.get("ph") == "X" and "ts" in e and keep(e)]
 
 
-def summarize(events: Sequence[Dict[str, Any]], min_gap_us: float = 20.0, top: int = 10) -> Dict[str, Any]:
+def summarize(events: Sequence[Dict[str, Any]], min_gap_us: float = 20.0, top: int = 10,
+              base_ns: Optional[int] = None) -> Dict[str, Any]:
+    """GPU busy time and idle gaps; with the trace's `base_ns`, also the Unix times of the GPU's first and last
+    activity (gpu_first_ns, gpu_last_ns)."""
     gpu = merge(iv for _, iv in _spans(events, lambda e: e.get("cat") in GPU_CATEGORIES))
     if not gpu:
         return {"gpu_events": 0}
+    span = {} if base_ns is None else {"gpu_first_ns": base_ns + round(gpu[0][0] * 1000),
+                                        "gpu_last_ns": base_ns + round(gpu[-1][1] * 1000)}
     phases = _spans(events, lambda e: e.get("cat") == "user_annotation" and e.get("name", "").startswith(PHASE_PREFIX))
     window = gpu[-1][1] - gpu[0][0]
     busy = sum(e - s for s, e in gpu)
@@ -79,6 +96,7 @@ def summarize(events: Sequence[Dict[str, Any]], min_gap_us: float = 20.0, top: i
         "steps": len(launches),
         "ms_per_step": (launches[-1] - launches[0]) / 1e3 / (len(launches) - 1) if len(launches) > 1 else None,
         "largest_gaps": sorted(listed, key=lambda g: -g["idle_us"])[:top],
+        **span,
     }
 
 

@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -335,6 +336,9 @@ def test_trace_gaps_charges_idle_gpu_time_to_the_scheduler_phases():
     assert s["steps"] == 2 and s["ms_per_step"] == pytest.approx(0.77)
     assert "GPU busy 0.39 of 1.10 ms" in tg.format_summary(s)
     assert tg.summarize([x("a", "cpu_op", 0, 5)]) == {"gpu_events": 0}
+    assert "gpu_first_ns" not in s
+    s = tg.summarize(events, base_ns=10**18)  # Unix ns of the GPU's first and last activity
+    assert (s["gpu_first_ns"], s["gpu_last_ns"]) == (10**18, 10**18 + 1_100_000)
 
 
 def test_trace_gaps_reads_a_real_scheduler_trace(tmp_path):
@@ -344,13 +348,19 @@ def test_trace_gaps_reads_a_real_scheduler_trace(tmp_path):
     from sglx.test.scheduler_utils import make_scheduler, run_until_idle, submit
 
     s = make_scheduler(tmp_path)
+    t0 = time.time_ns()
     s.process_input(ProfileReq("start", output_dir=str(tmp_path), activities=["CPU"]))
     assert s.send_to_tokenizer.msgs.pop().success
     submit(s, "a", [5, 6, 7], 3)
     run_until_idle(s)
+    t1 = time.time_ns()
     s.process_input(ProfileReq("stop"))
     path = s.send_to_tokenizer.msgs[-1].trace_path
     events = tg.load_trace(path)
     assert any(e.get("name") == "sglx::launch_batch" for e in events)
+    # base + ts * 1000 is Unix time: every phase lies between the wall times taken around the work
+    base = tg.base_time_ns(path)
+    phases = [e for e in events if e.get("ph") == "X" and e.get("name", "").startswith("sglx::")]
+    assert phases and all(t0 <= base + e["ts"] * 1000 and base + (e["ts"] + e["dur"]) * 1000 <= t1 for e in phases)
     assert tg.summarize(events) == {"gpu_events": 0}
     assert tg.main([path]) == 0

@@ -385,3 +385,43 @@ def test_scheduler_embedding_rejections_and_forced_settings(tmp_path):
     assert out["ok"][1]["type"] == "length" and len(out["ok"][0]) == 64
     assert out["empty"][1]["type"] == "abort" and "empty" in out["empty"][1]["message"]
     assert out["long"][1]["type"] == "abort" and "1024" in out["long"][1]["message"]
+
+
+def test_scheduler_takes_a_big_batched_request_a_message_at_a_time(tmp_path):
+    """An embedding scheduler stops receiving once two prefill batches of input wait, so the first forward
+    starts before the whole request is unpickled; the rest comes one message per step, and an abort queued
+    behind them is taken a few steps later."""
+    import zmq
+
+    from sglx.srt.managers.io_struct import AbortReq
+
+    s = tiny_scheduler(tmp_path, disable_radix_cache=True, max_total_tokens=2048, max_prefill_tokens=128)
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind("inproc://sched")
+    push.connect("inproc://sched")
+    s.recv_from_tokenizer, s.poller = pull, zmq.Poller()
+    s.poller.register(pull, zmq.POLLIN)
+    taken, handle = [], s.process_input
+    s.process_input = lambda msg: taken.append(msg) or handle(msg)
+    try:
+        for m in range(5):  # 300 tokens a message: one is more than two 128-token batches
+            push.send_pyobj(BatchTokenizedEmbeddingReqInput(
+                [TokenizedEmbeddingReqInput(f"{m}-{i}", None, [7] * 100) for i in range(3)]))
+        push.send_pyobj(AbortReq(rid="4-2"))
+        s.recv_requests(block=True)
+        assert len(taken) == 1 and [r.rid for r in s.waiting_queue] == ["0-0", "0-1", "0-2"]
+        for step in range(2, 7):  # then one message per step, the GPU busy meanwhile
+            assert s.step()
+            s.recv_requests(block=False)
+            assert len(taken) == step
+        assert isinstance(taken[-1], AbortReq)
+        while not s.is_idle():
+            assert s.step()
+        assert s.internal_state()["num_aborted_reqs"] == 1
+        done = {rid: fr for m in s.send_to_tokenizer.msgs for rid, fr in zip(m.rids, m.finished_reasons)}
+        assert len(done) == 15 and done["4-2"]["type"] == "abort" and done["4-1"]["type"] == "length"
+    finally:
+        pull.close(0)
+        push.close(0)
+        ctx.term()

@@ -250,11 +250,11 @@ class Scheduler:
         return decode_tokens_needed(self.running_reqs, self.page_size) <= self.ctx.available_tokens()
 
     def recv_requests(self, block: bool) -> None:
-        """Take the messages waiting on the socket (blocking for one when idle). An embedding server stops early
-        once its queue holds two prefill batches of input: a large batched request arrives as many messages,
-        and unpickling them all first kept the GPU idle (~0.2 s before a 512-input request's first forward on
-        an H100). The rest is taken one message per step while the GPU runs, so an abort queued behind them
-        waits at most that many steps."""
+        """Take the messages waiting on the socket (blocking for one when idle). After a batched embedding
+        message, stop early once the queue holds two prefill batches of input: a large request arrives as many
+        messages, and unpickling them all first kept the GPU idle (~0.2 s before a 512-input request's first
+        forward on an H100). The rest is taken one input message per step while the GPU runs; other messages
+        (aborts, control) never stop the draining, so an abort queued behind k input messages waits k steps."""
         timeout = None if block else 0
         while True:
             events = dict(self.poller.poll(timeout))
@@ -264,8 +264,9 @@ class Scheduler:
                 msg = self.recv_from_tokenizer.recv_pyobj()
             self.process_input(msg)
             timeout = 0
-            if self.is_embedding and self.queued_input_tokens() >= 2 * self.max_prefill_tokens:
-                return
+            if isinstance(msg, BatchTokenizedEmbeddingReqInput) and \
+                    self.queued_input_tokens() >= 2 * self.max_prefill_tokens:
+                return  # (only after input: the aborts of a dropped request, one per input, come in a burst)
 
     def queued_input_tokens(self) -> int:
         return sum(len(r.origin_input_ids) for r in self.waiting_queue)

@@ -12,7 +12,7 @@ input tokens/s and wall seconds; the two modes' embeddings must agree (cosine >=
 --forwards times the model runner alone on the batches the scheduler would form (--forward-modes, default
 --modes); its extra mode pool-read is the cache mode with every batch's k/v stored and then read back from the
 pool through the page table (flashinfer/fa3), as SGLang's FA backend attended before seed 000; pre-seeds adds
-the device-to-device copy of each attention output that seed 001 removed (SGLang before both seeds).
+the device-to-device copy of each attention output that seed 003 removed (SGLang before both seeds).
 Then, per mode, a ModelRunner built directly with the same arguments finds the largest prefill (tokens of
 one forward, requests of ~4096 tokens) that runs without CUDA OOM: doubling, then bisecting to ~5%.
 
@@ -61,7 +61,7 @@ MODES = ("skip", "cache")
 # (flashinfer/fa3 backends), as SGLang's FA backend attended before seed 000: that seed's own baseline.
 POOL_READ = "pool-read"
 # --forwards only: pool-read plus the per-layer device-to-device copy of attention's output that `out=` removed
-# (seed 001): SGLang before both seeds, the baseline the issue's "+21% with the DtoD fix" was measured from.
+# (seed 003): SGLang before both seeds, the baseline the issue's "+21% with the DtoD fix" was measured from.
 PRE_SEEDS = "pre-seeds"
 COSINE_GOAL = 0.999
 def make_inputs(num: int, min_len: int, max_len: int, vocab: int, seed: int) -> List[List[int]]:

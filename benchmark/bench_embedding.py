@@ -263,9 +263,7 @@ class PrefillTrial:
         # Outside the except block, so the failed forward's frames (and their tensors) are gone.
         self.runner.req_to_token_pool.clear()
         self.runner.token_to_kv_pool_allocator.clear()
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        free_device_memory()
         self.trials.append(trial)
         print(f"  {tokens} tokens in {trial['requests']} requests: {'ok' if trial['ok'] else 'OOM'}", flush=True)
         return trial["ok"]
@@ -276,15 +274,15 @@ def build_mode_runner(args: argparse.Namespace, mode: str) -> Any:
     from sglx.srt.managers.scheduler import embedding_server_args
     from sglx.srt.model_executor.model_runner import ModelRunner
 
-    release_runner(None)  # a previous mode's runner may linger in a reference cycle, holding its KV pool
+    free_device_memory()  # a previous mode's runner may linger in a reference cycle, holding its KV pool
     sa = mode_server_args(args, mode)
     cfg = ModelConfig.from_path(sa.model_path, dtype=sa.dtype, context_length=sa.context_length,
                                 is_embedding=True, device=sa.device)
     return ModelRunner(cfg, embedding_server_args(sa, cfg))
 
 
-def release_runner(runner: Any) -> None:
-    del runner
+def free_device_memory() -> None:
+    """Collect unreachable objects (a runner is a reference cycle) and return torch's cached blocks."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -310,7 +308,7 @@ def largest_batch_mode(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
                 "first_fail_tokens": res.first_fail, "bound": "oom" if res.first_fail else f"cap:{cap_by}",
                 "cap_tokens": caps[cap_by], "trials": trial.trials}
     finally:
-        release_runner(runner)
+        free_device_memory()
 
 
 # ------------------------------------------------------------------------------------- forwards only
@@ -398,7 +396,7 @@ def forwards_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]]) 
               f"{rec['items_per_s']:.2f} items/s, {rec['tflops']:.0f} TFLOP/s", flush=True)
         return rec
     finally:
-        release_runner(runner)
+        free_device_memory()
 
 
 # ------------------------------------------------------------------------------------- report and main

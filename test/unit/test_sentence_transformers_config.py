@@ -36,7 +36,8 @@ def test_minilm_context_is_sentence_transformers_max_seq_length():
 def test_reader_finds_each_family_file(tmp_path, name):
     path = _model_dir(tmp_path, name, {"max_seq_length": 128, "do_lower_case": True})
     assert read_sentence_transformers_tokenizer_config(path) == StTokenizerConfig(128, True)
-    assert ModelConfig.from_path(path).context_len == 128
+    config = ModelConfig.from_path(path)
+    assert config.context_len == 128 and config.st_tokenizer == StTokenizerConfig(128, True)
 
 
 def test_no_file_or_no_limit_keeps_the_table(tmp_path):

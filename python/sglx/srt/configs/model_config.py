@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from sglx.srt.layers.pooler import StTokenizerConfig
 
 # Architectures that produce embeddings rather than next-token logits, whatever the caller asked for.
 EMBEDDING_ARCHITECTURES = frozenset({"BertModel", "RobertaModel", "XLMRobertaModel"})
@@ -109,6 +112,8 @@ class ModelConfig:
     head_dim: int
     is_gguf: bool
     is_embedding: bool
+    # An embedding model's sentence_*_config.json (max_seq_length, do_lower_case), read once here.
+    st_tokenizer: Optional["StTokenizerConfig"] = None
 
     @property
     def is_encoder_only(self) -> bool:
@@ -139,7 +144,8 @@ class ModelConfig:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
         derived = derive_context_len(text, architecture)
         is_embedding = is_embedding or architecture in EMBEDDING_ARCHITECTURES
-        st_limit = _sentence_transformers_limit(model_path) if is_embedding else None
+        st = _sentence_transformers_tokenizer(model_path) if is_embedding else None
+        st_limit = st.max_seq_length if st is not None else None
         if architecture in EMBEDDING_ARCHITECTURES and context_length is not None and context_length > derived:
             raise ValueError(f"--context-length {context_length} is longer than {architecture}'s learned position "
                              f"table allows ({derived} tokens)")
@@ -157,17 +163,17 @@ class ModelConfig:
             head_dim=int(head_dim),
             is_gguf=model_path.lower().endswith(".gguf"),
             is_embedding=is_embedding,
+            st_tokenizer=st,
         )
 
 
-def _sentence_transformers_limit(model_path: str) -> Optional[int]:
-    """An embedding model's sentence-transformers max_seq_length, if it has one (see layers/pooler.py)."""
+def _sentence_transformers_tokenizer(model_path: str) -> Optional["StTokenizerConfig"]:
+    """An embedding model's sentence-transformers tokenizer settings, if it has them (see layers/pooler.py)."""
     if not os.path.isdir(model_path):
         return None
     from sglx.srt.layers.pooler import read_sentence_transformers_tokenizer_config
 
-    conf = read_sentence_transformers_tokenizer_config(model_path)
-    return conf.max_seq_length if conf is not None else None
+    return read_sentence_transformers_tokenizer_config(model_path)
 
 
 def _text_config(hf_config: Any) -> Any:

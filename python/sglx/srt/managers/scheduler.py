@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -46,7 +45,7 @@ from sglx.srt.managers.io_struct import (
     TokenizedEmbeddingReqInput,
     TokenizedGenerateReqInput,
 )
-from sglx.srt.layers.pooler import PoolingType, read_sentence_transformers_tokenizer_config, resolve_pooling_config
+from sglx.srt.layers.pooler import PoolingType, resolve_pooling_config
 from sglx.srt.managers.schedule_batch import (
     BatchContext,
     Req,
@@ -167,8 +166,7 @@ class Scheduler:
         pooler = self.runner.pooler
         if pooler is None:
             return {}
-        path = self.model_config.model_path
-        st = read_sentence_transformers_tokenizer_config(path) if os.path.isdir(path) else None
+        st = self.model_config.st_tokenizer
         return {"pooling": pooler.config.pooling.value, "normalize": pooler.config.normalize,
                 "embedding_dim": self.model_config.hidden_size, "lowercase": bool(st and st.do_lower_case)}
 

@@ -10,8 +10,9 @@ Both run with --is-embedding, the radix cache and chunked prefill off. Per mode:
 input tokens/s and wall seconds; the two modes' embeddings must agree (cosine >= 0.999 on a subset).
 --schedule overlap sync times each mode with and without the overlap schedule (one Engine each).
 --forwards times the model runner alone on the batches the scheduler would form (--forward-modes, default
---modes); its extra mode pool-read is the cache mode with every batch's k/v stored and then read back from the
-pool through the page table (flashinfer/fa3), as SGLang's FA backend attended before seed 000; pre-seeds adds
+--modes), then sums the device time of all their GPU work (GPU time: the modes' cost free of the host's pace);
+its extra mode pool-read is the cache mode with every batch's k/v stored and then read back from the pool
+through the page table (flashinfer/fa3), as SGLang's FA backend attended before seed 000; pre-seeds adds
 the device-to-device copy of each attention output that seed 003 removed (SGLang before both seeds).
 Then, per mode, a ModelRunner built directly with the same arguments finds the largest prefill (tokens of
 one forward, requests of ~4096 tokens) that runs without CUDA OOM: doubling, then bisecting to ~5%.
@@ -80,7 +81,8 @@ def mode_server_args(args: argparse.Namespace, mode: str, schedule: str = "overl
         model_path=args.model_path, tokenizer_path=args.tokenizer_path, load_format=args.load_format,
         dtype=args.dtype, device=args.device, attention_backend=args.attention_backend, is_embedding=True,
         disable_radix_cache=True, chunked_prefill_size=-1, disable_embedding_skip_kv_cache=(mode == "cache"),
-        random_seed=args.seed, log_level=args.log_level, disable_overlap_schedule=schedule == "sync", **extra,
+        random_seed=args.seed, log_level=args.log_level, disable_overlap_schedule=schedule == "sync",
+        quantization=args.quantization, **extra,
     )
 
 
@@ -383,6 +385,16 @@ def forwards_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]]) 
         if runner.device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
 
+            # The whole workload again, GPU activity only: the sum of its kernels' (and copies') device time is
+            # what the modes cost the GPU, free of the host's pace (the runner alone launches each forward after
+            # the last one's sync, so when launches take about as long as the GPU's work, as under fp8, the wall
+            # times above measure the host as much as the GPU).
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for lens in batches:
+                    run_forward(runner, lens, gen)
+            rec["gpu_s"] = sum(e.time_range.elapsed_us() for e in prof.events()
+                               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+            rec["gpu_items_per_s"] = len(inputs) / rec["gpu_s"]
             rec["matmul_probe_tflops"] = matmul_rate(runner.device, 8192) / 1e12
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 rec["profiled_wall_s"] = run_forward(runner, batches[0], gen)
@@ -392,8 +404,9 @@ def forwards_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]]) 
             print(f"[{mode}] one forward of {rec['profiled_tokens']} tokens: wall {rec['profiled_wall_s'] * 1e3:.2f} "
                   f"ms (profiler on), {len(gpu)} GPU ops, {rec['profiled_gpu_s'] * 1e3:.2f} ms GPU time\n"
                   + _device_table(prof.key_averages(), args.profile_top), flush=True)
+        gpu = f"; GPU time {rec['gpu_s']:.3f} s = {rec['gpu_items_per_s']:.2f} items/s" if "gpu_s" in rec else ""
         print(f"[{mode}] forwards only: {len(batches)} batches in {total:.3f} s (host launches {sum(launches):.3f} s), "
-              f"{rec['items_per_s']:.2f} items/s, {rec['tflops']:.0f} TFLOP/s", flush=True)
+              f"{rec['items_per_s']:.2f} items/s, {rec['tflops']:.0f} TFLOP/s{gpu}", flush=True)
         return rec
     finally:
         free_device_memory()
@@ -424,7 +437,8 @@ def print_table(records: List[Dict[str, Any]], cosine: Optional[float], checked:
         if r["part"] == "forwards" and "error" not in r:
             print(f"forwards only [{r['mode']}]: {r['batches']} batches in {r['forward_s']:.2f} s "
                   f"(host launches {r['launch_s']:.2f} s), "
-                  f"{r['items_per_s']:.2f} items/s, {r['tokens_per_s']:.0f} tok/s, {r['tflops']:.0f} TFLOP/s")
+                  f"{r['items_per_s']:.2f} items/s, {r['tokens_per_s']:.0f} tok/s, {r['tflops']:.0f} TFLOP/s"
+                  + (f"; GPU time {r['gpu_s']:.3f} s = {r['gpu_items_per_s']:.2f} items/s" if "gpu_s" in r else ""))
     for r in records:
         if "error" in r or "warning" in r:
             print(f"{r['part']} {r['mode']}: {r.get('error') or r.get('warning')}")

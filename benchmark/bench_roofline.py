@@ -150,7 +150,7 @@ def engine_args(args: argparse.Namespace, backend: Optional[str], schedule: str 
     return ServerArgs(model_path=args.model_path, tokenizer_path=args.tokenizer_path, load_format=args.load_format,
                       dtype=args.dtype, device=args.device, attention_backend=backend,
                       disable_cuda_graph=args.disable_cuda_graph, random_seed=args.seed, log_level=args.log_level,
-                      disable_overlap_schedule=schedule == "sync", **extra)
+                      disable_overlap_schedule=schedule == "sync", quantization=args.quantization, **extra)
 
 
 def backend_label(info: Dict[str, Any]) -> str:

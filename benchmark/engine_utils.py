@@ -34,6 +34,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_path: str) -> None:
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None)
+    p.add_argument("--quantization", default=None, help="online weight quantization, e.g. fp8")
 
 
 def add_schedule_arg(p: argparse.ArgumentParser) -> None:

@@ -99,6 +99,20 @@ def test_cuda_graph_replay_matches_eager(llama_dir, backend):
             reqs.last_tokens[i] = t
 
 
+def embed_once(runner: ModelRunner, seqs) -> torch.Tensor:
+    """One embedding forward of `seqs` (token id lists) in fresh rows and KV slots: [len(seqs), hidden] fp32."""
+    lens = [len(s) for s in seqs]
+    rows, locs = [], []
+    for n in lens:
+        rows.append(runner.req_to_token_pool.alloc())
+        loc = runner.token_to_kv_pool_allocator.alloc(n)
+        runner.req_to_token_pool.write(rows[-1], 0, loc)
+        locs.append(loc)
+    b = ModelWorkerBatch(ForwardMode.EXTEND, [t for s in seqs for t in s], rows, lens, [0] * len(lens),
+                         torch.cat(locs), is_embedding=True)
+    return runner.forward_batch_embedding(b).float()
+
+
 @pytest.mark.parametrize("backend", ["fa3", "flashinfer", "triton"])
 def test_embedding_skip_kv_matches_cache_path_and_never_touches_pool(backend, monkeypatch):
     kw = dict(is_embedding=True, disable_radix_cache=True, attention_backend=backend, max_total_tokens=32768)
@@ -112,17 +126,7 @@ def test_embedding_skip_kv_matches_cache_path_and_never_touches_pool(backend, mo
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 151669, (n,), generator=gen).tolist() for n in lens]
 
-    def embed(runner):
-        rows, locs = [], []
-        for n in lens:
-            rows.append(runner.req_to_token_pool.alloc())
-            loc = runner.token_to_kv_pool_allocator.alloc(n)
-            runner.req_to_token_pool.write(rows[-1], 0, loc)
-            locs.append(loc)
-        b = ModelWorkerBatch(ForwardMode.EXTEND, [t for s in seqs for t in s], rows, lens, [0] * len(lens),
-                             torch.cat(locs), is_embedding=True)
-        return runner.forward_batch_embedding(b).float()
-
+    embed = lambda runner: embed_once(runner, seqs)
     got = embed(skip)
     assert calls == [], f"the skip-KV path touched the KV pool: {calls}"
     del skip

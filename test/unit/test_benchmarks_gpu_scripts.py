@@ -137,6 +137,31 @@ def test_forwards_mode_times_every_batch_and_counts_flops(qwen3_dir):
     assert rec["tflops"] == pytest.approx(flops / rec["forward_s"] / 1e12)
 
 
+def test_forwards_mode_serves_the_fp8_model_when_asked(qwen3_dir):
+    from sglx.srt.layers.quantization.fp8 import Fp8Linear
+
+    args = be.build_parser().parse_args(["--model-path", qwen3_dir, "--max-total-tokens", "4096",
+                                         "--quantization", "fp8"])
+    args.tokenizer_path = None
+    sa = be.mode_server_args(args, "skip")
+    assert sa.quantization == "fp8"
+    runner = be.build_mode_runner(args, "skip")
+    assert sum(isinstance(m, Fp8Linear) for m in runner.model.modules()) == 4 * LAYERS
+    del runner
+    rec = be.forwards_mode(args, "skip", be.make_inputs(3, 20, 40, VOCAB, 0))
+    assert rec["batches"] == 1 and rec["items_per_s"] > 0
+
+
+def test_bench_fp8_linear_shapes_are_the_layer_s_fused_linears(qwen3_dir):
+    import bench_fp8_linear as bl
+
+    from sglx.srt.configs.model_config import ModelConfig
+
+    shapes = bl.layer_shapes(ModelConfig.from_path(qwen3_dir))
+    assert shapes == {"qkv_proj": (H, (HEADS + 2 * KV_HEADS) * HEAD_DIM), "o_proj": (HEADS * HEAD_DIM, H),
+                      "gate_up_proj": (H, 2 * INTER), "down_proj": (INTER, H)}
+
+
 def test_pool_read_mode_needs_a_flashinfer_family_prefill_backend(qwen3_dir):
     """The pool-read baseline flips the flashinfer/fa3 backends' switch; on CPU (torch_native) it must say it
     cannot, not silently time the cache path under its name."""

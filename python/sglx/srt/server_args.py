@@ -83,6 +83,9 @@ class ServerArgs:
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
     load_format: str = "auto"
+    # Online quantization of the loaded weights (layers/quantization): fp8 = W8A8 e4m3, per-channel weights,
+    # per-token activations.
+    quantization: Optional[str] = None
     context_length: Optional[int] = None
     trust_remote_code: bool = False
     is_embedding: bool = False
@@ -178,6 +181,10 @@ class ServerArgs:
         if self.sampling_backend == "flashinfer" and not self.device.startswith("cuda"):
             raise ValueError(f"--sampling-backend flashinfer needs a CUDA GPU (--device is {self.device}); "
                              "use --sampling-backend pytorch")
+        if self.quantization is not None:
+            from sglx.srt.layers.quantization import get_quantization_method
+
+            get_quantization_method(self.quantization)  # a clear error naming the choices
         if self.tp_size != 1 or self.dp_size != 1:
             raise ValueError("--tp-size/--dp-size > 1 are not supported yet by this build of sglx")
         if self.speculative_algorithm is not None:

@@ -11,15 +11,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglx.srt.layers.layernorm import fused_ops
+from sglx.srt.layers.quantization.fp8 import quantize_activation
 
 
 class SiluAndMul(nn.Module):
+    # Set by quantization.fp8.fuse_input_quantization when the output feeds only an Fp8Linear: the output is then
+    # an Fp8Activation (one kernel on CUDA; the torch path quantizes after the product, the same arithmetic).
+    quant_fp8 = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = fused_ops(x)
         if ops is not None:
-            return ops.silu_and_mul(x)
+            return ops.silu_and_mul(x, quant_fp8=self.quant_fp8)
         d = x.shape[-1] // 2
-        return F.silu(x[..., :d]) * x[..., d:]
+        out = F.silu(x[..., :d]) * x[..., d:]
+        return quantize_activation(out) if self.quant_fp8 else out
 
 
 class GeluAndMul(nn.Module):

@@ -15,6 +15,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
+from sglx.srt.layers.quantization.fp8 import quantize_activation
+
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "SGLX_DISABLE_FUSED_KERNELS"
@@ -44,6 +46,10 @@ def fused_ops(t: torch.Tensor) -> Optional[ModuleType]:
 
 
 class RMSNorm(nn.Module):
+    # Set by quantization.fp8.fuse_input_quantization when the output feeds only an Fp8Linear: the output is then
+    # an Fp8Activation (one kernel on CUDA; the torch path quantizes after the norm, the same arithmetic).
+    quant_fp8 = False
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
@@ -55,12 +61,15 @@ class RMSNorm(nn.Module):
         """With `residual`, returns (norm(x + residual), x + residual). On the fused path the sum is written
         into `residual` in place and that same tensor is returned; on the torch path it is a new tensor."""
         ops = fused_ops(x)
-        if ops is not None and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)):
-            return ops.rmsnorm(x, self.weight, self.variance_epsilon, residual)
+        if ops is not None and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)) \
+                and (not self.quant_fp8 or self.weight.dtype == x.dtype):
+            return ops.rmsnorm(x, self.weight, self.variance_epsilon, residual, quant_fp8=self.quant_fp8)
         if residual is not None:
             x = x + residual
             residual = x
         out = self._norm(x)
+        if self.quant_fp8:
+            out = quantize_activation(out)
         return out if residual is None else (out, residual)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:

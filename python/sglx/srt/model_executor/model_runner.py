@@ -93,7 +93,7 @@ class ModelRunner:
         self.page_size = server_args.page_size
         torch.manual_seed(server_args.random_seed)
         set_host_threads(self.device, server_args.num_threads)
-        self.model = get_model(model_config, server_args.load_format, str(self.device))
+        self.model = get_model(model_config, server_args.load_format, str(self.device), server_args.quantization)
         self.kv_cache_dtype = KV_DTYPES.get(server_args.kv_cache_dtype, model_config.dtype)
         self.skip_kv_cache = decide_skip_kv_cache(model_config, server_args)
         self.init_memory_pool()

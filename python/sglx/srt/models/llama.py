@@ -34,6 +34,9 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaMLP(nn.Module):
+    # The activation's output feeds only down_proj: under --quantization fp8 it is emitted quantized.
+    fp8_input_pairs = (("act_fn", "down_proj"),)
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         inter = config.intermediate_size
@@ -84,6 +87,8 @@ class LlamaAttention(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     attention_cls = LlamaAttention
+    # Each norm's output feeds one linear only: under --quantization fp8 the norm emits it quantized.
+    fp8_input_pairs = (("input_layernorm", "self_attn.qkv_proj"), ("post_attention_layernorm", "mlp.gate_up_proj"))
 
     def __init__(self, config: Any, layer_id: int) -> None:
         super().__init__()

@@ -24,6 +24,9 @@ import triton.language as tl
 # CUDA's accurate math library (expf, tanhf): what torch's CUDA kernels call, where tl.exp is an approximation.
 from triton.language.extra import libdevice
 
+from sglx.srt.layers.quantization.fp8 import Fp8Activation
+from sglx.srt.layers.quantization.fp8_kernels import quant_fp8_rows
+
 _ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
 
@@ -72,8 +75,10 @@ def _rmsnorm_kernel(
     x_ptr, sx_o, sx_i, sx_d,  # input viewed as [outer, inner, D] with any strides
     r_ptr, sr_o, sr_i, sr_d,  # residual, same view; updated in place to x + residual
     w_ptr, out_ptr,  # weight [D]; out contiguous [outer * inner, D]
+    s_ptr,  # QUANT: out holds e4m3 codes and s_ptr [outer * inner] one fp32 scale per row
     n_rows, inner, D, eps,
-    HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
+    HAS_RES: tl.constexpr, QUANT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERP: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     o, i = rows // inner, rows % inner
@@ -92,8 +97,13 @@ def _rmsnorm_kernel(
     var = tl.sum(x * x, axis=1) / D
     normed = _round(x * tl.math.rsqrt(var + eps)[:, None], x_dt, INTERP).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = _round(w[None, :] * normed, out_ptr.dtype.element_ty, INTERP)
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], y, mask=mask)
+    out_off = rows[:, None] * D + cols[None, :]
+    if QUANT:  # the norm's output as torch rounds it (x's dtype), then quantized per row
+        q, scale = quant_fp8_rows(_round(w[None, :] * normed, x_dt, INTERP).to(tl.float32), INTERP)
+        tl.store(out_ptr + out_off, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + rows, scale, mask=rows < n_rows)
+    else:
+        tl.store(out_ptr + out_off, _round(w[None, :] * normed, out_ptr.dtype.element_ty, INTERP), mask=mask)
 
 
 def _as_3d(t: torch.Tensor) -> Optional[torch.Tensor]:
@@ -111,13 +121,16 @@ def _as_3d(t: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def rmsnorm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None,
+    quant_fp8: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """RMSNorm over the last dim: `weight * normalize(x).to(x.dtype)`, as layers.layernorm.RMSNorm computes it.
 
     With `residual`, first s = x + residual (rounded to x.dtype); residual is overwritten with s IN PLACE and
     (norm(s), residual) is returned. x may be any view (e.g. per-head q/k slices of a qkv tensor); the output
     is a new contiguous tensor of x's shape in torch's result dtype of `weight * x`.
+    With `quant_fp8` (weight in x's dtype), the output is an Fp8Activation instead: the same norm quantized to
+    e4m3 with one scale per row, for an Fp8Linear to consume.
     """
     D = x.shape[-1]
     if weight.shape != (D,):
@@ -125,7 +138,10 @@ def rmsnorm(
     weight = weight if weight.stride(0) == 1 else weight.contiguous()
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError("residual must have x's shape and dtype")
-    out = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
+    out_dtype = torch.result_type(weight, x)
+    if quant_fp8 and out_dtype != x.dtype:
+        raise ValueError("quant_fp8 needs the norm weight in the input's dtype")
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn if quant_fp8 else out_dtype, device=x.device)
     x3 = _as_3d(x)
     if x3 is None:
         x3 = _as_3d(x.contiguous())
@@ -136,15 +152,19 @@ def rmsnorm(
             r_work = residual.contiguous()
             r3 = _as_3d(r_work)
     n_rows = x3.shape[0] * x3.shape[1]
+    scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device) if quant_fp8 else None
     if n_rows and D:
         BLOCK_D = triton.next_power_of_2(D)
         BLOCK_R = max(1, min(16, 2048 // BLOCK_D))
         rr = r3 if residual is not None else x3
         _rmsnorm_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
-            x3, *x3.stride(), rr, *rr.stride(), weight, out, n_rows, x3.shape[1], D, float(eps),
-            HAS_RES=residual is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, INTERP=x.device.type != "cuda",
+            x3, *x3.stride(), rr, *rr.stride(), weight, out, scale, n_rows, x3.shape[1], D, float(eps),
+            HAS_RES=residual is not None, QUANT=quant_fp8, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+            INTERP=x.device.type != "cuda",
             num_warps=min(16, max(1, BLOCK_R * BLOCK_D // 512)),
         )  # fmt: skip
+    if quant_fp8:
+        out = Fp8Activation(out.view(n_rows, D), scale, x.dtype)
     if residual is None:
         return out
     if r_work is not None:
@@ -155,8 +175,10 @@ def rmsnorm(
 # ============================================================================ gated activations
 @triton.jit
 def _act_and_mul_kernel(
-    x_ptr, sx_r, sx_c, out_ptr, d, ACT: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr
+    x_ptr, sx_r, sx_c, out_ptr, s_ptr, d,
+    ACT: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
+    """QUANT: one program per row (BLOCK >= d), out holds e4m3 codes and s_ptr one fp32 scale per row."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -171,15 +193,23 @@ def _act_and_mul_kernel(
         a = _gelu_erf(g)
     # torch rounds the activation to the input dtype before the product, then rounds the product.
     a = _round(a, x_ptr.dtype.element_ty, INTERP).to(tl.float32)
-    y = _round(a * u, out_ptr.dtype.element_ty, INTERP)
-    tl.store(out_ptr + row * d + cols, y, mask=mask)
+    if QUANT:
+        y = _round(a * u, x_ptr.dtype.element_ty, INTERP).to(tl.float32)
+        q, scale = quant_fp8_rows(y[None, :], INTERP)
+        tl.store(out_ptr + row * d + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=mask[None, :])
+        tl.store(s_ptr + row + tl.arange(0, 1), scale)
+    else:
+        tl.store(out_ptr + row * d + cols, _round(a * u, out_ptr.dtype.element_ty, INTERP), mask=mask)
 
 
-def _act_and_mul(x: torch.Tensor, act: str, out: Optional[torch.Tensor]) -> torch.Tensor:
+def _act_and_mul(x: torch.Tensor, act: str, out: Optional[torch.Tensor],
+                 quant_fp8: bool = False) -> Union[torch.Tensor, "Fp8Activation"]:
     two_d = x.shape[-1]
     if two_d % 2:
         raise ValueError(f"the last dim ({two_d}) must be even: [gate | up]")
     d = two_d // 2
+    if quant_fp8:
+        return _act_and_mul_fp8(x, act, d)
     if out is None:
         out = torch.empty(*x.shape[:-1], d, dtype=x.dtype, device=x.device)
     elif out.shape != (*x.shape[:-1], d) or not out.is_contiguous():
@@ -189,15 +219,35 @@ def _act_and_mul(x: torch.Tensor, act: str, out: Optional[torch.Tensor]) -> torc
     if rows and d:
         BLOCK = min(1024, triton.next_power_of_2(d))
         _act_and_mul_kernel[(rows, triton.cdiv(d, BLOCK))](
-            x2, x2.stride(0), x2.stride(1), out, d,
-            ACT=_ACTS[act], BLOCK=BLOCK, INTERP=x.device.type != "cuda", num_warps=4 if BLOCK >= 512 else 1,
+            x2, x2.stride(0), x2.stride(1), out, None, d,
+            ACT=_ACTS[act], QUANT=False, BLOCK=BLOCK, INTERP=x.device.type != "cuda",
+            num_warps=4 if BLOCK >= 512 else 1,
         )  # fmt: skip
     return out
 
 
-def silu_and_mul(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [..., 2d] = [gate | up] -> silu(gate) * up, [..., d] (into `out` when given)."""
-    return _act_and_mul(x, "silu", out)
+def _act_and_mul_fp8(x: torch.Tensor, act: str, d: int) -> "Fp8Activation":
+    """The activation's output quantized per row ([rows, d] e4m3 and [rows, 1] scales): a row per program."""
+    x2 = x.reshape(-1, 2 * d)
+    rows = x2.shape[0]
+    q = torch.empty((rows, d), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    if rows and d:
+        BLOCK = triton.next_power_of_2(d)
+        _act_and_mul_kernel[(rows, 1)](
+            x2, x2.stride(0), x2.stride(1), q, scale, d,
+            ACT=_ACTS[act], QUANT=True, BLOCK=BLOCK, INTERP=x.device.type != "cuda",
+            num_warps=min(8, max(1, BLOCK // 512)),
+        )  # fmt: skip
+    return Fp8Activation(q, scale, x.dtype)
+
+
+def silu_and_mul(
+    x: torch.Tensor, out: Optional[torch.Tensor] = None, quant_fp8: bool = False
+) -> Union[torch.Tensor, "Fp8Activation"]:
+    """x [..., 2d] = [gate | up] -> silu(gate) * up, [..., d] (into `out` when given); with `quant_fp8`, that
+    product quantized per row as an Fp8Activation [rows, d]."""
+    return _act_and_mul(x, "silu", out, quant_fp8)
 
 
 def gelu_and_mul(x: torch.Tensor, approximate: str = "tanh", out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
 from sglx.srt.configs.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "pt", "dummy")
 
@@ -63,8 +66,17 @@ def _skip_param_init():
             c.reset_parameters = f
 
 
-def get_model(model_config: ModelConfig, load_format: str, device: str) -> torch.nn.Module:
+def get_model(
+    model_config: ModelConfig, load_format: str, device: str, quantization: Optional[str] = None
+) -> torch.nn.Module:
+    """The model in eval mode with its weights loaded; with `quantization`, converted in place after loading
+    (online quantization of full-precision weights, layers/quantization)."""
     from sglx.srt.models.registry import get_model_class
+
+    if quantization is not None:
+        from sglx.srt.layers.quantization import check_device_support
+
+        check_device_support(quantization, torch.device(device))  # before minutes of loading, not after
 
     model_class = get_model_class(model_config.architecture)
     # Parameters are created directly on the device and in the serving dtype: no fp32 CPU copy first.
@@ -79,6 +91,11 @@ def get_model(model_config: ModelConfig, load_format: str, device: str) -> torch
     if not model_config.is_embedding and not getattr(model, "can_generate", True):
         raise ValueError(f"{model_config.model_path} has no lm_head (a bare-trunk checkpoint, such as an embedding "
                          "model's): serve it with --is-embedding")
+    if quantization is not None:
+        from sglx.srt.layers.quantization import apply_quantization
+
+        n = apply_quantization(model, quantization)
+        logger.info("--quantization %s: %d linear layers converted", quantization, n)
     return model.eval()
 
 

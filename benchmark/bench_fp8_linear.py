@@ -4,9 +4,10 @@
 
 For each linear of one decoder layer of --model-path's config (q/k/v, o, gate/up, down): the median GPU time
 (CUDA events around CUDA-graph replays, so host launch cost does not hide small kernels) of the bf16 GEMM, the
-per-token FP8 quantization of the input, the FP8 GEMM (`torch._scaled_mm`, row-wise scales) and the whole
-Fp8Linear; its TFLOP/s; and the relative error of the FP8 output against bf16's (random normal inputs and
-weights), so a faster but wrong configuration shows. Then the layers that feed them (RMSNorm with the residual
+per-token FP8 quantization of the input, and per FP8 GEMM that runs here (`torch._scaled_mm` with row-wise
+scales; sgl_kernel's CUTLASS `fp8_scaled_mm` where it imports) the GEMM and the whole Fp8Linear; TFLOP/s; the
+host time per call on a 16-token input (back to back: the launch cost); and the relative error of the FP8
+output against bf16's (random normal inputs and weights), so a faster but wrong configuration shows. Then the layers that feed them (RMSNorm with the residual
 add, SiLU-and-mul): alone, followed by the standalone quantization, and with the quantization fused in.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Dict, List
 
 import torch
@@ -46,38 +48,70 @@ def layer_shapes(cfg: ModelConfig) -> Dict[str, tuple]:
     return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * inter), "down_proj": (inter, h)}
 
 
+def available_gemms(dev: torch.device) -> List[str]:
+    from sglx.srt.layers.quantization import fp8
+
+    return [g for g in ("torch", "sgl_kernel") if g == "torch" or fp8._sgl_kernel_fp8_gemm_available(dev)]
+
+
+def fp8_linear_with(lin: torch.nn.Linear, gemm: str) -> Fp8Linear:
+    from sglx.srt.layers.quantization.fp8 import FP8_GEMM_ENV
+
+    saved = os.environ.get(FP8_GEMM_ENV)
+    os.environ[FP8_GEMM_ENV] = gemm
+    try:
+        return Fp8Linear.from_linear(lin)
+    finally:
+        os.environ.pop(FP8_GEMM_ENV) if saved is None else os.environ.__setitem__(FP8_GEMM_ENV, saved)
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """Microseconds of host time per call, back to back on a tiny input (the GPU's part is a few µs, so the
+    launches set the pace)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     gpu_time, fp8_kernels = _gpu_modules()
     dev = torch.device("cuda")
     cfg = ModelConfig.from_path(args.model_path)
+    gemms = available_gemms(dev)
     records = []
     for m in args.tokens:
         for name, (k, n) in layer_shapes(cfg).items():
             torch.manual_seed(0)
             lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
             torch.nn.init.normal_(lin.weight, std=k ** -0.5)
-            fp8 = Fp8Linear.from_linear(lin)
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            tiny = x[:16]
             qx, sx = fp8_kernels.per_token_quant_fp8(x)
-            sw = fp8.weight_scale.unsqueeze(0)
-            t = {
-                "bf16": gpu_time(lambda: F.linear(x, lin.weight), args.iters),
-                "quant": gpu_time(lambda: fp8_kernels.per_token_quant_fp8(x), args.iters),
-                "fp8_gemm": gpu_time(lambda: torch._scaled_mm(qx, fp8.weight.t(), scale_a=sx, scale_b=sw,
-                                                              out_dtype=torch.bfloat16), args.iters),
-                "fp8_linear": gpu_time(lambda: fp8(x), args.iters),
-            }
-            ref, out = F.linear(x, lin.weight).float(), fp8(x).float()
+            ref = F.linear(x, lin.weight).float()
             rec = {"tokens": m, "linear": name, "in": k, "out": n,
-                   **{f"{key}_us": v * 1e6 for key, v in t.items()},
-                   "bf16_tflops": 2 * m * k * n / t["bf16"] / 1e12, "fp8_gemm_tflops": 2 * m * k * n / t["fp8_gemm"] / 1e12,
-                   "speedup": t["bf16"] / t["fp8_linear"],
-                   "rel_err": ((out - ref).norm() / ref.norm()).item()}
+                   "bf16_us": gpu_time(lambda: F.linear(x, lin.weight), args.iters) * 1e6,
+                   "bf16_host_us": host_us(lambda: F.linear(tiny, lin.weight)),
+                   "quant_us": gpu_time(lambda: fp8_kernels.per_token_quant_fp8(x), args.iters) * 1e6}
+            rec["bf16_tflops"] = 2 * m * k * n / rec["bf16_us"] / 1e6
+            line = (f"M={m:>6} {name:>13} {k:>5}x{n:<5} bf16 {rec['bf16_us']:7.1f} us ({rec['bf16_tflops']:4.0f} TF/s, "
+                    f"host {rec['bf16_host_us']:4.1f}) | quant {rec['quant_us']:5.1f}")
+            for gemm in gemms:
+                fp8 = fp8_linear_with(lin, gemm)
+                g_us = gpu_time(lambda: fp8._gemm(fp8, qx, sx, torch.bfloat16), args.iters) * 1e6
+                rec.update({f"{gemm}_gemm_us": g_us, f"{gemm}_gemm_tflops": 2 * m * k * n / g_us / 1e6,
+                            f"{gemm}_linear_us": gpu_time(lambda: fp8(x), args.iters) * 1e6,
+                            f"{gemm}_host_us": host_us(lambda: fp8(tiny)),
+                            f"{gemm}_rel_err": ((fp8(x).float() - ref).norm() / ref.norm()).item()})
+                line += (f" | {gemm}: gemm {g_us:6.1f} us ({rec[f'{gemm}_gemm_tflops']:4.0f} TF/s), linear "
+                         f"{rec[f'{gemm}_linear_us']:6.1f} us, host {rec[f'{gemm}_host_us']:4.1f}, "
+                         f"err {rec[f'{gemm}_rel_err']:.4f}")
             records.append(rec)
-            print(f"M={m:>6} {name:>13} {k:>5}x{n:<5} bf16 {rec['bf16_us']:8.1f} us ({rec['bf16_tflops']:5.0f} TF/s) | "
-                  f"quant {rec['quant_us']:6.1f} + gemm {rec['fp8_gemm_us']:7.1f} ({rec['fp8_gemm_tflops']:5.0f} TF/s) "
-                  f"= linear {rec['fp8_linear_us']:7.1f} us | x{rec['speedup']:.2f} | rel err {rec['rel_err']:.4f}",
-                  flush=True)
+            print(line, flush=True)
         records += producers(m, cfg, dev, args.iters)
     return records
 

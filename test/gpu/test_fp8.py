@@ -1,7 +1,8 @@
 """FP8 W8A8 (`--quantization fp8`) on CUDA:
   * the Triton per-token quantization equals the torch reference bit for bit (scales and e4m3 codes), and
     fused into RMSNorm and SiLU-and-mul it equals the unfused kernels followed by it (up to rare one-step flips);
-  * Fp8Linear's torch._scaled_mm equals the reference product of the same quantized operands;
+  * Fp8Linear's GEMMs (torch._scaled_mm, and sgl_kernel's fp8_scaled_mm where it imports) equal the reference
+    product of the same quantized operands;
   * a whole model: CUDA-graph decode replays match eager, and embeddings (Qwen3-0.6B shape) agree between the
     skip-KV and the cache path and stay close to the bf16 model's.
 """
@@ -70,13 +71,28 @@ def test_fused_producers_match_unfused_then_quant(with_residual):
     assert_same_quantization(fe.silu_and_mul(g, quant_fp8=True), fe.silu_and_mul(g))
 
 
+def _gemms():
+    from sglx.srt.layers.quantization.fp8 import _sgl_kernel_fp8_gemm_available
+
+    return ["torch"] + (["sgl_kernel"] if _sgl_kernel_fp8_gemm_available(torch.device("cuda")) else [])
+
+
+def test_default_gemm_is_sgl_kernel_where_it_runs():
+    lin = torch.nn.Linear(64, 32, device="cuda", dtype=torch.bfloat16)
+    assert Fp8Linear.from_linear(lin).gemm == _gemms()[-1]
+
+
+@pytest.mark.parametrize("gemm", _gemms())
 @pytest.mark.parametrize("m", [1, 5, 16, 4097])
 @pytest.mark.parametrize("bias", [False, True])
-def test_scaled_mm_matches_reference(m, bias):
+def test_scaled_mm_matches_reference(gemm, m, bias, monkeypatch):
+    from sglx.srt.layers.quantization.fp8 import FP8_GEMM_ENV
+
+    monkeypatch.setenv(FP8_GEMM_ENV, gemm)
     torch.manual_seed(0)
     lin = torch.nn.Linear(1024, 3072 + 16, bias=bias, device="cuda", dtype=torch.bfloat16)
     fp8 = Fp8Linear.from_linear(lin)
-    assert fp8.use_scaled_mm
+    assert fp8.gemm == gemm
     x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     got = fp8(x).float()
     qx, sx = per_token_quant_fp8_ref(x)

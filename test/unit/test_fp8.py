@@ -210,6 +210,20 @@ def test_server_args_name_the_choices():
     assert ServerArgs(device="cpu", quantization="fp8").quantization == "fp8"
 
 
+def test_gemm_choice(monkeypatch):
+    from sglx.srt.layers.quantization.fp8 import FP8_GEMM_ENV, choose_fp8_gemm
+
+    cpu = torch.device("cpu")
+    assert choose_fp8_gemm(cpu) == "reference" and Fp8Linear.from_linear(nn.Linear(16, 16)).gemm == "reference"
+    monkeypatch.setenv(FP8_GEMM_ENV, "cublas")
+    with pytest.raises(ValueError, match="must be auto or one of sgl_kernel, torch, reference"):
+        choose_fp8_gemm(cpu)
+    for name in ("torch", "sgl_kernel"):
+        monkeypatch.setenv(FP8_GEMM_ENV, name)
+        with pytest.raises(RuntimeError, match=f"{FP8_GEMM_ENV}={name}"):
+            choose_fp8_gemm(cpu)
+
+
 def test_gpu_without_fp8_refused_at_start(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(RuntimeError, match="compute capability 8.9 or newer"):

@@ -2,15 +2,16 @@
 
 Weights: one scale per output channel (row), computed once after loading, so any checkpoint (bf16/fp16/fp32
 safetensors, GGUF, dummy) can be served in FP8. Activations: one scale per token, computed on the fly. The
-product is `(q_x @ q_w^T) * s_x * s_w` with fp32 accumulation: on sm89+ GPUs one `torch._scaled_mm` (row-wise
-scales, a CUTLASS/cuBLASLt FP8 GEMM), elsewhere (CPU, older GPUs) the plain torch reference below, which the GPU
-path is tested against. Finer than vLLM's online `--quantization fp8` (one scale per weight tensor and per
+product is `(q_x @ q_w^T) * s_x * s_w` with fp32 accumulation: on Hopper sgl_kernel's CUTLASS `fp8_scaled_mm`
+where it imports, else on sm89+ GPUs `torch._scaled_mm` (row-wise scales, cuBLASLt), elsewhere (CPU, older GPUs)
+the plain torch reference below, which both GPU GEMMs are tested against (choose_fp8_gemm; $SGLX_FP8_GEMM). Finer than vLLM's online `--quantization fp8` (one scale per weight tensor and per
 activation tensor): the scheme of llm-compressor's FP8-dynamic checkpoints, at no extra cost in the row-wise GEMM.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -70,6 +71,62 @@ def has_fp8_gemm(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+# The FP8 GEMM of an Fp8Linear, by name: each computes (qx @ W^T) * sx * s_w (+ bias) into a new tensor.
+#   sgl_kernel  sgl_kernel.fp8_scaled_mm (CUTLASS, sm90): 1263-1370 TFLOP/s on Qwen3-0.6B's 16k-token linears
+#               on an H200, against 1056-1266 for torch's (docs/benchmarks.md, session 6);
+#   torch       torch._scaled_mm with row-wise scales (cuBLASLt), any sm89+ GPU;
+#   reference   scaled_mm_ref (any device; what the others are tested against).
+FP8_GEMM_ENV = "SGLX_FP8_GEMM"
+FP8_GEMMS = ("sgl_kernel", "torch", "reference")
+
+
+def _gemm_sgl_kernel(layer: "Fp8Linear", qx: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    import sgl_kernel
+
+    return sgl_kernel.fp8_scaled_mm(qx, layer._weight_t, sx, layer.weight_scale, dtype, layer.bias)
+
+
+def _gemm_torch(layer: "Fp8Linear", qx: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    y = torch._scaled_mm(qx, layer._weight_t, scale_a=sx, scale_b=layer._scale_b, out_dtype=dtype)
+    return y if layer.bias is None else y + layer.bias
+
+
+def _gemm_reference(layer: "Fp8Linear", qx: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    y = scaled_mm_ref(qx, sx, layer.weight, layer.weight_scale, dtype)
+    return y if layer.bias is None else y + layer.bias
+
+
+def _sgl_kernel_fp8_gemm_available(device: torch.device) -> bool:
+    """sgl_kernel's FP8 GEMM: Hopper (the sm90 build sglx's GPU host carries), when the package imports."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    try:
+        import sgl_kernel
+    except Exception:  # missing, or built for another torch: the torch GEMM serves
+        return False
+    return hasattr(sgl_kernel, "fp8_scaled_mm")
+
+
+def choose_fp8_gemm(device: torch.device) -> str:
+    """The GEMM an Fp8Linear on `device` uses: $SGLX_FP8_GEMM if set (one of FP8_GEMMS), else sgl_kernel where
+    it runs, else torch on FP8 GPUs, else the reference."""
+    name = os.environ.get(FP8_GEMM_ENV, "auto")
+    if name == "auto":
+        if _sgl_kernel_fp8_gemm_available(device):
+            return "sgl_kernel"
+        return "torch" if has_fp8_gemm(device) else "reference"
+    if name not in FP8_GEMMS:
+        raise ValueError(f"{FP8_GEMM_ENV} must be auto or one of {', '.join(FP8_GEMMS)}; got {name!r}")
+    if name == "sgl_kernel" and not _sgl_kernel_fp8_gemm_available(device):
+        raise RuntimeError(f"{FP8_GEMM_ENV}=sgl_kernel, but sgl_kernel's FP8 GEMM does not run on {device}")
+    if name == "torch" and not has_fp8_gemm(device):
+        raise RuntimeError(f"{FP8_GEMM_ENV}=torch needs a GPU of compute capability 8.9 or newer")
+    return name
+
+
+_GEMM_FNS = {"sgl_kernel": _gemm_sgl_kernel, "torch": _gemm_torch, "reference": _gemm_reference}
+
+
 def per_token_quant_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if x.is_cuda:
         from sglx.srt.layers.quantization import fp8_kernels  # lazily: see fp8_kernels' docstring
@@ -90,7 +147,8 @@ class Fp8Linear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = nn.Parameter(weight_scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.use_scaled_mm = has_fp8_gemm(weight.device)  # decided once: no device query per forward
+        self.gemm = choose_fp8_gemm(weight.device)  # decided once: no device query per forward
+        self._gemm = _GEMM_FNS[self.gemm]
         # The GEMM's operand layouts, made once (views): prefill under fp8 is close to host-bound, so every
         # microsecond of Python per linear shows.
         self._weight_t = self.weight.t()
@@ -111,16 +169,11 @@ class Fp8Linear(nn.Module):
             x2 = x.reshape(-1, x.shape[-1])
             qx, sx = per_token_quant_fp8(x2 if x2.stride(-1) == 1 else x2.contiguous())
             dtype, lead = x.dtype, x.shape[:-1]
-        if self.use_scaled_mm:
-            y = torch._scaled_mm(qx, self._weight_t, scale_a=sx, scale_b=self._scale_b, out_dtype=dtype)
-        else:
-            y = scaled_mm_ref(qx, sx, self.weight, self.weight_scale, dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return self._gemm(self, qx, sx, dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"gemm={self.gemm}")
 
 
 def fp8_eligible(name: str, module: nn.Module) -> bool:

@@ -18,8 +18,8 @@ Then, per mode, a ModelRunner built directly with the same arguments finds the l
 one forward, requests of ~4096 tokens) that runs without CUDA OOM: doubling, then bisecting to ~5%.
 
 What bounds a prefill batch in the scheduler (PrefillAdder), in both modes:
-  * tokens per batch: --max-prefill-tokens (default 16384; an input longer than that runs alone). Raise it
-    to let the skip mode use the memory it saves;
+  * tokens per batch: --max-prefill-tokens (default 16384, but 32768 on the skip path on a GPU, which has the
+    memory the pool would take; an input longer than that runs alone);
   * KV slots: page-rounded input + one page per request must fit in the free slots (embedding requests
     reserve no decode tokens); --max-running-requests rows.
   skip:  max_total_num_tokens is --max-total-tokens as given (else profiled from free memory / KV bytes per
@@ -124,7 +124,7 @@ def encode_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]],
     rec.update(wall_s=wall, wall_all_s=walls, items_per_s=len(inputs) / wall, tokens_per_s=rec["input_tokens"] / wall,
                skip_kv_cache=info["skip_kv_cache"], max_total_num_tokens=info["max_total_num_tokens"],
                kv_pool_bytes=state["kv_pool_bytes"], kv_leak_free=state["kv_leak_free"],
-               max_prefill_tokens=sa.max_prefill_tokens, embedding_dim=len(outs[0]["embedding"]))
+               max_prefill_tokens=info.get("max_prefill_tokens"), embedding_dim=len(outs[0]["embedding"]))
     if (mode == "skip") != bool(info["skip_kv_cache"]):
         rec["warning"] = f"mode {mode} but the engine reports skip_kv_cache={info['skip_kv_cache']}"
     rec["_kept"] = torch.tensor([outs[i]["embedding"] for i in keep], dtype=torch.float32)
@@ -283,6 +283,13 @@ def build_mode_runner(args: argparse.Namespace, mode: str) -> Any:
     return ModelRunner(cfg, embedding_server_args(sa, cfg))
 
 
+def runner_prefill_budget(runner: Any) -> int:
+    """The tokens per batch the scheduler would use with this runner's arguments."""
+    from sglx.srt.managers.scheduler import effective_max_prefill_tokens
+
+    return effective_max_prefill_tokens(runner.server_args, runner.skip_kv_cache, runner.device.type)
+
+
 def free_device_memory() -> None:
     """Collect unreachable objects (a runner is a reference cycle) and return torch's cached blocks."""
     gc.collect()
@@ -371,7 +378,7 @@ def forwards_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]]) 
         if mode == PRE_SEEDS:
             copy_attention_output(runner)
         gen = torch.Generator().manual_seed(args.seed)
-        batches = pack_batches([len(x) for x in inputs], runner.server_args.max_prefill_tokens)
+        batches = pack_batches([len(x) for x in inputs], runner_prefill_budget(runner))
         for lens in batches[:2]:  # warm-up
             run_forward(runner, lens, gen)
         launches: List[float] = []

@@ -429,3 +429,21 @@ def test_scheduler_takes_a_big_batched_request_a_message_at_a_time(tmp_path):
         pull.close(0)
         push.close(0)
         ctx.term()
+
+
+def test_prefill_budget_grows_only_on_a_gpu_skip_path(tmp_path):
+    """--max-prefill-tokens as given; by default 16384, and 32768 for a GPU's skip-KV path (no pool: its memory
+    goes to larger batches). The scheduler uses and reports the effective value."""
+    from sglx.srt.managers.scheduler import effective_max_prefill_tokens
+
+    sa = ServerArgs(device="cpu")
+    assert sa.max_prefill_tokens is None
+    assert effective_max_prefill_tokens(sa, skip_kv_cache=True, device_type="cuda") == 32768
+    assert effective_max_prefill_tokens(sa, skip_kv_cache=False, device_type="cuda") == 16384
+    assert effective_max_prefill_tokens(sa, skip_kv_cache=True, device_type="cpu") == 16384
+    given = ServerArgs(device="cpu", max_prefill_tokens=4096)
+    assert effective_max_prefill_tokens(given, skip_kv_cache=True, device_type="cuda") == 4096
+    with pytest.raises(ValueError, match="--max-prefill-tokens must be >= 1"):
+        ServerArgs(device="cpu", max_prefill_tokens=0)
+    s = tiny_scheduler(tmp_path, disable_radix_cache=True, max_total_tokens=2048)
+    assert s.runner.skip_kv_cache and s.max_prefill_tokens == 16384 == s.ready_info()["max_prefill_tokens"]

@@ -100,7 +100,9 @@ class ServerArgs:
     max_running_requests: Optional[int] = None
     max_total_tokens: Optional[int] = None
     chunked_prefill_size: int = -1
-    max_prefill_tokens: int = 16384
+    # Tokens per prefill batch; None: 16384, or 32768 on a GPU serving embeddings on the skip-KV path (see
+    # managers/scheduler.py::effective_max_prefill_tokens).
+    max_prefill_tokens: Optional[int] = None
     page_size: int = 1
     schedule_policy: str = "fcfs"
     schedule_conservativeness: float = 1.0
@@ -171,6 +173,8 @@ class ServerArgs:
             raise ValueError(f"--schedule-policy must be one of fcfs, lpm, random, lof; got {self.schedule_policy}")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError("--max-prefill-tokens must be >= 1")
         if self.chunked_prefill_size != -1 and self.chunked_prefill_size < self.page_size:
             raise ValueError("--chunked-prefill-size must be -1 (off) or at least --page-size")
         if self.pooling is not None and self.pooling not in POOLING_CHOICES:

@@ -91,3 +91,12 @@ def test_host_threads(monkeypatch, device, given, expected):
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     model_runner.set_host_threads(torch.device(device), given)
     assert calls == ([] if expected is None else [expected])
+
+
+def test_quantization_and_prefill_budget_cli_flags():
+    args = sa_mod.prepare_server_args(["--device", "cpu", "--quantization", "fp8", "--max-prefill-tokens", "4096"])
+    assert args.quantization == "fp8" and args.max_prefill_tokens == 4096
+    plain = sa_mod.prepare_server_args(["--device", "cpu"])
+    assert plain.quantization is None and plain.max_prefill_tokens is None  # resolved by the scheduler
+    with pytest.raises(ValueError, match="--quantization must be one of fp8"):
+        sa_mod.prepare_server_args(["--device", "cpu", "--quantization", "awq"])

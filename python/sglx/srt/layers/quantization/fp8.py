@@ -3,9 +3,10 @@
 Weights: one scale per output channel (row), computed once after loading, so any checkpoint (bf16/fp16/fp32
 safetensors, GGUF, dummy) can be served in FP8. Activations: one scale per token, computed on the fly. The
 product is `(q_x @ q_w^T) * s_x * s_w` with fp32 accumulation: on Hopper sgl_kernel's CUTLASS `fp8_scaled_mm`
-where it imports, else on sm89+ GPUs `torch._scaled_mm` (row-wise scales, cuBLASLt), elsewhere (CPU, older GPUs)
-the plain torch reference below, which both GPU GEMMs are tested against (choose_fp8_gemm; $SGLX_FP8_GEMM). Finer than vLLM's online `--quantization fp8` (one scale per weight tensor and per
-activation tensor): the scheme of llm-compressor's FP8-dynamic checkpoints, at no extra cost in the row-wise GEMM.
+where it imports, else on sm89+ GPUs `torch._scaled_mm` (row-wise scales, cuBLASLt), elsewhere (CPU, older
+GPUs) the plain torch reference below, which both GPU GEMMs are tested against (choose_fp8_gemm;
+$SGLX_FP8_GEMM). Finer than vLLM's online `--quantization fp8` (one scale per weight tensor and per activation
+tensor): the scheme of llm-compressor's FP8-dynamic checkpoints, at no extra cost in the row-wise GEMM.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_E4M3_MAX = 448.0
-AMAX_EPS = 1e-10  # kept equal to fp8_kernels.AMAX_EPS (that module imports triton, this one must not)
+AMAX_EPS = 1e-10  # kept equal to fp8_kernels._AMAX_EPS (that module imports triton, this one must not)
 # scale = amax * (1/448) in fp32, written as a multiply on purpose: torch's CUDA division by a Python scalar is
 # itself a multiply by the reciprocal, its CPU division is not, and the kernel must match both bit for bit.
 INV_FP8_E4M3_MAX = 1.0 / FP8_E4M3_MAX

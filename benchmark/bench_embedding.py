@@ -9,11 +9,12 @@ Both run with --is-embedding, the radix cache and chunked prefill off. Per mode:
 --repeats (median) `encode` calls of all inputs submitted at once (sent in ~64k-token messages), and report items/s,
 input tokens/s and wall seconds; the two modes' embeddings must agree (cosine >= 0.999 on a subset).
 --schedule overlap sync times each mode with and without the overlap schedule (one Engine each).
---forwards times the model runner alone on the batches the scheduler would form (--forward-modes, default
---modes), then sums the device time of all their GPU work (GPU time: the modes' cost free of the host's pace);
-its extra mode pool-read is the cache mode with every batch's k/v stored and then read back from the pool
-through the page table (flashinfer/fa3), as SGLang's FA backend attended before seed 000; pre-seeds adds
-the device-to-device copy of each attention output that seed 003 removed (SGLang before both seeds).
+--forwards times the model runner alone (--forward-modes, default --modes) on the batches the scheduler would
+form, at one budget for every path (--max-prefill-tokens, default 16384), then sums the device time of all their
+GPU work (GPU time: the modes' cost free of the host's pace); its extra mode pool-read is the cache mode with
+every batch's k/v stored and then read back from the pool through the page table (flashinfer/fa3), as SGLang's
+FA backend attended before seed 000; pre-seeds adds the device-to-device copy of each attention output that seed
+003 removed (SGLang before both seeds).
 Then, per mode, a ModelRunner built directly with the same arguments finds the largest prefill (tokens of
 one forward, requests of ~4096 tokens) that runs without CUDA OOM: doubling, then bisecting to ~5%.
 
@@ -54,6 +55,7 @@ from engine_utils import (  # noqa: E402
     resolve_tokenizer,
 )
 from sglx.srt.configs.model_config import ModelConfig
+from sglx.srt.managers.scheduler import DEFAULT_MAX_PREFILL_TOKENS
 from sglx.srt.server_args import ServerArgs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -283,13 +285,6 @@ def build_mode_runner(args: argparse.Namespace, mode: str) -> Any:
     return ModelRunner(cfg, embedding_server_args(sa, cfg))
 
 
-def runner_prefill_budget(runner: Any) -> int:
-    """The tokens per batch the scheduler would use with this runner's arguments."""
-    from sglx.srt.managers.scheduler import effective_max_prefill_tokens
-
-    return effective_max_prefill_tokens(runner.server_args, runner.skip_kv_cache, runner.device.type)
-
-
 def free_device_memory() -> None:
     """Collect unreachable objects (a runner is a reference cycle) and return torch's cached blocks."""
     gc.collect()
@@ -378,7 +373,10 @@ def forwards_mode(args: argparse.Namespace, mode: str, inputs: List[List[int]]) 
         if mode == PRE_SEEDS:
             copy_attention_output(runner)
         gen = torch.Generator().manual_seed(args.seed)
-        batches = pack_batches([len(x) for x in inputs], runner_prefill_budget(runner))
+        # One budget for every path (the engine's skip path defaults to a larger one): the paths then differ
+        # in their attention only.
+        budget = args.max_prefill_tokens or DEFAULT_MAX_PREFILL_TOKENS
+        batches = pack_batches([len(x) for x in inputs], budget)
         for lens in batches[:2]:  # warm-up
             run_forward(runner, lens, gen)
         launches: List[float] = []

@@ -7,8 +7,9 @@ For each linear of one decoder layer of --model-path's config (q/k/v, o, gate/up
 per-token FP8 quantization of the input, and per FP8 GEMM that runs here (`torch._scaled_mm` with row-wise
 scales; sgl_kernel's CUTLASS `fp8_scaled_mm` where it imports) the GEMM and the whole Fp8Linear; TFLOP/s; the
 host time per call on a 16-token input (back to back: the launch cost); and the relative error of the FP8
-output against bf16's (random normal inputs and weights), so a faster but wrong configuration shows. Then the layers that feed them (RMSNorm with the residual
-add, SiLU-and-mul): alone, followed by the standalone quantization, and with the quantization fused in.
+output against bf16's (random normal inputs and weights), so a faster but wrong configuration shows. Then the
+layers that feed them (RMSNorm with the residual add, SiLU-and-mul): alone, followed by the standalone
+quantization, and with the quantization fused in.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from sglx.srt.layers.quantization.fp8 import Fp8Linear, per_token_quant_fp8_ref, scaled_mm_ref
 from sglx.test.runner_utils import PlacedRequests
 
-from test_model_runner_gpu import LLAMA, QWEN3_06B, embed_once, llama_dir, make_runner  # noqa: F401  (llama_dir: fixture)
+from test_model_runner_gpu import LLAMA, QWEN3_06B, embed_once, llama_dir, make_runner  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs an FP8 GPU (sm89+)")

@@ -198,6 +198,12 @@ def test_minilm_client_disconnect_aborts_the_rest(minilm):
     s = socket.create_connection((host, int(port)))
     s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               + f"Content-Length: {len(body)}\r\n\r\n".encode() + body.encode())
+    # Drop the connection a second after the first inputs reach the scheduler (by then the tokenizer manager has
+    # sent them all), not a fixed second after sending: on a loaded machine the server may not have read the
+    # 2 MB body by then, and a request dropped before it is sent has nothing to abort (a CI run saw 0).
+    deadline = time.time() + 60
+    while minilm.server_info()["internal_state"]["num_waiting_reqs"] == 0 and time.time() < deadline:
+        time.sleep(0.1)
     time.sleep(1.0)
     s.close()
     deadline, state = time.time() + 120, minilm.server_info()["internal_state"]

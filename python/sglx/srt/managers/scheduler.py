@@ -82,7 +82,7 @@ def effective_max_prefill_tokens(server_args: ServerArgs, skip_kv_cache: bool, d
     """The token budget of one prefill batch: --max-prefill-tokens as given, else 16384, except for embeddings
     on a GPU on the skip-KV path, which reserves no KV pool: there the memory goes to larger batches, 32768
     tokens, which amortize the host's per-forward launches (Qwen3-0.6B shape on an H200, one lease, items/s:
-    bf16 92.58 -> 94.45, fp8 104.79 -> 111.50; 65536 gave no more: docs/benchmarks.md, session 6). On the CPU
+    fp8 104.79 -> 111.50, and 111.00 at 65536; bf16 92.58 -> 94.45 at 65536: docs/benchmarks.md, session 6). On the CPU
     a forward is compute-bound and launches cost nothing, so the default stays."""
     if server_args.max_prefill_tokens is not None:
         return server_args.max_prefill_tokens

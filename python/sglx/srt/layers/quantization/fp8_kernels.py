@@ -9,7 +9,7 @@ Launches do no host syncs, so they can be captured in a CUDA graph.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
@@ -71,13 +71,11 @@ def _per_token_quant_fp8_kernel(
     tl.store(s_ptr + row + tl.arange(0, 1), scale)
 
 
-def per_token_quant_fp8(
-    x: torch.Tensor, out: Optional[torch.Tensor] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def per_token_quant_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (last dim contiguous) -> (q [M, K] float8_e4m3fn, scale [M, 1] float32), x ~= q * scale."""
     assert x.dim() == 2 and x.stride(-1) == 1, "per_token_quant_fp8 takes rows with a contiguous last dim"
     m, k = x.shape
-    q = out if out is not None else torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         block = triton.next_power_of_2(k)

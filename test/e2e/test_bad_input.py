@@ -33,7 +33,7 @@ def test_prompt_longer_than_context(server):
 @pytest.mark.parametrize("sp", [
     {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": 0}, {"min_p": 2},
     {"max_new_tokens": -3}, {"repetition_penalty": 0}, {"frequency_penalty": 5}, {"temperature": "hot"},
-    {"no_such_param": 1},
+    {"no_such_param": 1}, {"skip_special_tokens": "no"}, {"ignore_eos": 1},  # a non-bool once killed the server
 ])
 def test_invalid_sampling_values(server, sp):
     r = requests.post(server.url("/generate"), json={"text": "hi", "sampling_params": sp}, timeout=60)

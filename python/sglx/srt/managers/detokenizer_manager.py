@@ -85,13 +85,20 @@ class DetokenizerManager:
         self.detok = IncrementalDetokenizer(get_tokenizer(server_args.tokenizer_path))
 
     def handle(self, m: BatchTokenIDOut) -> BatchStrOut:
-        texts = [
-            self.detok.step(m.rids[i], m.new_output_ids[i], m.finished_reasons[i], m.skip_special_tokens[i],
-                            m.spaces_between_special_tokens[i], m.no_stop_trim[i], m.stop_strs[i])
-            for i in range(len(m.rids))
-        ]
+        """Decode every request of the batch. One that fails ends aborted with the error as its message (the
+        tokenizer manager then aborts it in the scheduler); the others, and the process, go on."""
+        texts, reasons = [], list(m.finished_reasons)
+        for i, rid in enumerate(m.rids):
+            try:
+                texts.append(self.detok.step(rid, m.new_output_ids[i], reasons[i], m.skip_special_tokens[i],
+                                             m.spaces_between_special_tokens[i], m.no_stop_trim[i], m.stop_strs[i]))
+            except Exception as e:  # noqa: BLE001 - one request's bad state must not take the server down
+                logger.exception("detokenizing request %s failed", rid)
+                self.detok.states.pop(rid, None)
+                texts.append("")
+                reasons[i] = {"type": "abort", "message": f"detokenization failed: {e}"}
         return BatchStrOut(
-            rids=m.rids, finished_reasons=m.finished_reasons, new_texts=texts, new_output_ids=m.new_output_ids,
+            rids=m.rids, finished_reasons=reasons, new_texts=texts, new_output_ids=m.new_output_ids,
             prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens, cached_tokens=m.cached_tokens,
             output_token_logprobs=m.output_token_logprobs, output_top_logprobs=m.output_top_logprobs,
             input_token_logprobs=m.input_token_logprobs,

@@ -284,8 +284,10 @@ class TokenizerManager:
                     yield self._make_output(t.rid, st, with_text)
         finally:
             self.rid_to_state.pop(t.rid, None)
-            if not st.finished:
-                self.abort_request(t.rid)  # the consumer went away (disconnect, cancellation)
+            # The consumer went away (disconnect, cancellation), or the request ended aborted, perhaps by the
+            # detokenizer while the scheduler still runs it (the scheduler ignores a rid it no longer has).
+            if not st.finished or st.finished_reason.get("type") == "abort":
+                self.abort_request(t.rid)
 
     # ------------------------------------------------------------------ embeddings
     def _tokenize_embedding(self, text: Optional[str], ids: Optional[List[int]], rid: str,

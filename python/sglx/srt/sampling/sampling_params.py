@@ -103,6 +103,9 @@ class SamplingParams:
             raise SamplingParamsError(f"n must be at least 1, got {self.n}.")
         if self.sampling_seed is not None:
             num("seed", self.sampling_seed, int)
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+            if not isinstance(getattr(self, name), bool):  # passed on to the tokenizer, which raises on a non-bool
+                raise SamplingParamsError(f"{name} must be a boolean, got {getattr(self, name)!r}")
         if self.stop is not None and not isinstance(self.stop, (str, list)):
             raise SamplingParamsError("stop must be a string or a list of strings")
         if isinstance(self.stop, list) and not all(isinstance(s, str) for s in self.stop):

@@ -243,6 +243,36 @@ def test_min_new_tokens_blocks_stop_ids_when_sampling():
     assert Sampler()(logits, late).next_token_ids.item() in (2, 3)
 
 
+def test_extreme_values_keep_the_model_s_choice():
+    """Values at the edge of float32 must not turn a row into NaN or all zeros (either samples token 0)."""
+    torch.manual_seed(7)
+    vocab = 30
+    logits = torch.randn(4, vocab)
+    logits[:, 0] = -10.0  # token 0 is the least likely: picking it means the row was destroyed
+    logits[:, 17] = 8.0
+    logits[:, 5] = 2.0
+    logits[:, 3] = 1.0
+    reqs = [
+        req(top_p=1e-300, temperature=1.0),  # rounds to 0 in float32: only the top token may remain
+        # A penalty below 1 boosts the seen tokens; one that rounds to 0 boosts them to the cap (ties).
+        req(prompt=[17, 5, 9], repetition_penalty=1e-300, temperature=1.0, top_k=1),  # x/0 = inf: softmax of inf - inf
+        req(prompt=[17, 5, 9], repetition_penalty=1e-300, temperature=0.5),
+        req(prompt=[3], repetition_penalty=1e-40, temperature=1e-5),  # denormal penalty, near-greedy temperature
+    ]
+    logits[1:3, 9] = 0.0  # a seen zero logit takes the multiply branch: stays 0
+    info = info_for(reqs, vocab)
+    processed = apply_logits_processing(logits, info)
+    assert not torch.isnan(processed).any()
+    for _ in range(20):
+        ids = Sampler()(logits, info).next_token_ids.tolist()
+        assert ids[0] == 17 and ids[1] in (17, 5) and ids[2] in (17, 5) and ids[3] == 3, ids
+    with pytest.raises(ValueError, match="logit_bias"):
+        req(logit_bias={"3": 1e308})
+    with pytest.raises(ValueError, match="logit_bias"):
+        req(logit_bias={"3": -100.5})
+    req(logit_bias={"3": -100.0, "4": 100})
+
+
 # ---------------------------------------------------------------- logprobs
 
 

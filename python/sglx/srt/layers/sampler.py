@@ -25,6 +25,10 @@ from sglx.srt.layers import flashinfer_sampling
 from sglx.srt.sampling.sampling_batch_info import SamplingBatchInfo
 from sglx.srt.server_args import SAMPLING_BACKENDS
 
+# Where processed logits are capped: divided by the smallest temperature that still samples (1e-6), it stays
+# finite in float32 (1e36 < 3.4e38), so softmax never meets inf - inf.
+LOGIT_LIMIT = 1e30
+
 
 @dataclass
 class SamplerOutput:
@@ -108,6 +112,10 @@ def apply_logits_processing(logits: torch.Tensor, info: SamplingBatchInfo) -> to
         out = out - info.frequency_penalties.view(-1, 1) * counts
     if info.presence_penalties is not None:
         out = out - info.presence_penalties.view(-1, 1) * (counts > 0)
+    if info.repetition_penalties is not None:
+        # A repetition penalty that rounds to 0 in float32 divides positive logits into inf, softmax turns the
+        # row into NaN, and a NaN row samples token 0 whatever the model says. Capped, the boosted tokens win.
+        out = torch.nan_to_num(out, nan=float("-inf"), posinf=LOGIT_LIMIT, neginf=float("-inf"))
     return out
 
 
@@ -138,8 +146,10 @@ def filter_probs(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
             mass_before = cum - sorted_probs
             limit = info.top_ps.view(-1, 1) * cum[:, -1:]
             # Keep the smallest prefix reaching top_p; rows with top_p == 1 skip the test so float rounding
-            # in the cumsum can never cut their tail.
+            # in the cumsum can never cut their tail. The most probable token always stays: a top_p that
+            # rounds to 0 in float32 (1e-300) once dropped every token, and token 0 came out.
             drop = (mass_before >= limit) & (info.top_ps.view(-1, 1) < 1.0)
+            drop[:, 0] = False
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
     if info.need_min_p:

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 
 _GREEDY_EPS = 1e-6
 TOP_K_ALL = 1 << 30
+LOGIT_BIAS_MAX = 100.0
 
 
 class SamplingParamsError(ValueError):
@@ -126,6 +127,8 @@ class SamplingParams:
                 except (TypeError, ValueError):
                     raise SamplingParamsError(f"logit_bias key {k!r} is not a token id") from None
                 num("logit_bias value", v)
+                if not -LOGIT_BIAS_MAX <= v <= LOGIT_BIAS_MAX:  # OpenAI's range; 1e308 is inf in float32
+                    raise SamplingParamsError(f"logit_bias values must be in [-100, 100], got {v} for {k!r}")
                 if vocab_size is not None and not 0 <= tid < vocab_size:
                     raise SamplingParamsError(f"logit_bias token id {tid} is out of [0, {vocab_size})")
 

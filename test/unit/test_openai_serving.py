@@ -26,6 +26,7 @@ from sglx.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from sglx.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from sglx.srt.entrypoints.openai.utils import models_response
 from sglx.srt.managers.io_struct import GenerateReqInput
+from sglx.srt.managers.tokenizer_manager import ClientDisconnected
 from sglx.srt.server_args import default_model_path
 
 REPLIES = ["Hello there! How can I help you today?", "Sure, here is a second answer."]
@@ -50,7 +51,9 @@ class FakeTokenizerManager:
         self.received: List[GenerateReqInput] = []
         self.aborted: List[str] = []
         self.error: Optional[str] = None  # raise ValueError(error) before any output
-        self.fail_after: Optional[int] = None  # raise after this many streamed outputs
+        self.fail_after: Optional[int] = None  # raise fail_error after this many streamed outputs
+        self.fail_error: Exception = RuntimeError("engine exploded")
+        self.client_gone = False  # raise ClientDisconnected before any output, as the manager does
         self.step_delay = 0.0
 
     def abort_request(self, rid: str) -> None:
@@ -84,6 +87,8 @@ class FakeTokenizerManager:
         self.received.append(obj)
         if self.error:
             raise ValueError(self.error)
+        if self.client_gone:
+            raise ClientDisconnected(obj.rid)
         subs = [obj] if obj.is_single() else [obj[i] for i in range(obj.batch_size())]
         scripts = [self._steps(sub, i) for i, sub in enumerate(subs)]
         if not obj.stream:
@@ -95,7 +100,7 @@ class FakeTokenizerManager:
             for i, script in enumerate(scripts):
                 if step < len(script):
                     if self.fail_after is not None and sent >= self.fail_after:
-                        raise RuntimeError("engine exploded")
+                        raise self.fail_error
                     out = dict(script[step])
                     if not obj.is_single():
                         out["index"] = i
@@ -445,6 +450,23 @@ def test_mid_stream_error_then_done(base_url, client, fake_tm):
     assert fake_tm.aborted == [fake_tm.received[-1].rid]  # the unfinished request was released
     with pytest.raises(openai.APIError):
         list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_gone_is_a_quiet_499(base_url, fake_tm, caplog, stream):
+    """The manager raises ClientDisconnected once the client left: the exchange ends without a 500, an error
+    event or a logged failure (each dropped request used to log a traceback)."""
+    fake_tm.client_gone = True
+    for path, extra in [("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": MESSAGES})]:
+        r = requests.post(f"{base_url}{path}", json={**extra, "stream": stream})
+        assert r.status_code == 499 and not r.content
+    fake_tm.client_gone = False
+    fake_tm.fail_after, fake_tm.fail_error = 2, ClientDisconnected("x")  # gone mid-stream
+    r = requests.post(f"{base_url}/v1/completions", json={"prompt": "x", "stream": True}, stream=True)
+    events = sse_events(r)
+    assert len(events) == 2 and all("error" not in e for e in events)  # no error event, no [DONE]: nobody reads
+    assert fake_tm.aborted == [fake_tm.received[-1].rid]
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
 
 
 def test_client_disconnect_aborts(base_url, fake_tm):

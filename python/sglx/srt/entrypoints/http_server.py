@@ -17,9 +17,9 @@ from sglx import __version__
 from sglx.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from sglx.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from sglx.srt.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
-from sglx.srt.entrypoints.openai.utils import models_response
+from sglx.srt.entrypoints.openai.utils import client_closed_response, models_response
 from sglx.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput, ProfileReq, ProfileReqOutput
-from sglx.srt.managers.tokenizer_manager import TokenizerManager
+from sglx.srt.managers.tokenizer_manager import ClientDisconnected, TokenizerManager
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,8 @@ def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
                 first = await gen.__anext__()  # validation errors surface here, as a 400
             except StopAsyncIteration:
                 first = None
+            except ClientDisconnected:
+                return client_closed_response()
             except ValueError as e:
                 return error_response(str(e))
             return StreamingResponse(_stream_native(first, gen), media_type="text/event-stream")
@@ -174,6 +176,8 @@ def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
             async for out in tm.generate_request(obj, request):
                 pass
             return json_response(out)
+        except ClientDisconnected:
+            return client_closed_response()
         except ValueError as e:
             return error_response(str(e))
 
@@ -184,6 +188,8 @@ def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
             out = await tm.embedding_request(EmbeddingReqInput(**body), request)
+        except ClientDisconnected:
+            return client_closed_response()
         except TypeError as e:
             return error_response(f"invalid request: {e}")
         except ValueError as e:
@@ -223,6 +229,8 @@ async def _stream_native(first: Optional[Dict], gen: AsyncIterator[Dict]) -> Asy
             yield sse(first)
         async for out in gen:
             yield sse(out)
+    except ClientDisconnected:
+        return  # nobody is reading
     except ValueError as e:
         yield sse({"error": {"message": str(e), "code": 400}})
     yield b"data: [DONE]\n\n"

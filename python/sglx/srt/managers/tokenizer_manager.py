@@ -61,6 +61,11 @@ def chunk_by_tokens(reqs: List[TokenizedEmbeddingReqInput], budget: int) -> List
     return [p for p in parts if p]
 
 
+class ClientDisconnected(Exception):
+    """The HTTP client of a request went away and its unfinished inputs were aborted: nobody is left to answer.
+    The HTTP layer ends the exchange quietly (status 499, nginx's "client closed request"), not as a failure."""
+
+
 class DisconnectWatch:
     """Whether the HTTP client behind one request went away: asked of the server at most once per `period` of
     wall time, however often outputs arrive. (Asked only after a quiet `period`, as before, it was never asked
@@ -273,7 +278,7 @@ class TokenizerManager:
         try:
             while True:
                 if not await next_output(st, watch):
-                    return  # the client is gone: `finally` aborts the request
+                    raise ClientDisconnected(t.rid)  # `finally` aborts the request
                 if st.finished:
                     fr = st.finished_reason
                     if fr.get("type") == "abort" and fr.get("message") != CLIENT_ABORT and not st.output_ids:
@@ -343,7 +348,7 @@ class TokenizerManager:
     async def _wait_embedding(self, rid: str, st: ReqState, watch: DisconnectWatch) -> Dict[str, Any]:
         while not st.finished:
             if not await next_output(st, watch):
-                raise ValueError(CLIENT_ABORT)
+                raise ClientDisconnected(rid)
         fr = st.finished_reason
         if fr.get("type") == "abort":
             raise ValueError(fr.get("message", "request aborted"))

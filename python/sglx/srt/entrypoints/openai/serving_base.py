@@ -32,6 +32,7 @@ from sglx.srt.entrypoints.openai.utils import (
     SSE_DONE,
     TokenLogprob,
     aggregate_usage,
+    client_closed_response,
     error_body,
     error_response,
     logprobs_since,
@@ -39,6 +40,7 @@ from sglx.srt.entrypoints.openai.utils import (
     validation_message,
 )
 from sglx.srt.managers.io_struct import GenerateReqInput, new_rid
+from sglx.srt.managers.tokenizer_manager import ClientDisconnected
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +141,8 @@ class OpenAIServingBase(ABC):
         try:
             plan = self.build_plan(req)
             gen, first = await self._start(plan, raw_request)
+        except ClientDisconnected:
+            return client_closed_response()
         except ValueError as e:
             return error_response(str(e), 400)
         except Exception as e:  # noqa: BLE001 - an unexpected failure still gets an OpenAI-style body
@@ -149,6 +153,8 @@ class OpenAIServingBase(ABC):
         try:
             outputs = await self._collect(plan, gen, first)
             return JSONResponse(self.build_response(req, plan, outputs).model_dump(mode="json"))
+        except ClientDisconnected:
+            return client_closed_response()
         except ValueError as e:
             return error_response(str(e), 400)
         except Exception as e:  # noqa: BLE001
@@ -270,6 +276,8 @@ class OpenAIServingBase(ABC):
                 item = await anext(gen, None)
             if req.include_usage:
                 yield sse(self.build_usage_chunk(plan, self.usage(plan, [s.meta for s in states])))
+        except ClientDisconnected:
+            return  # nobody is reading; `finally` frees what still runs
         except ValueError as e:
             yield sse({"error": error_body(str(e), 400)})
         except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band

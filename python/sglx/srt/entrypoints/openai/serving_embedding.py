@@ -24,8 +24,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, StrictBool, StrictInt, StrictStr, ValidationError
 
-from sglx.srt.entrypoints.openai.utils import error_response, validation_message
+from sglx.srt.entrypoints.openai.utils import client_closed_response, error_response, validation_message
 from sglx.srt.managers.io_struct import EmbeddingReqInput
+from sglx.srt.managers.tokenizer_manager import ClientDisconnected
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class OpenAIServingEmbedding:
         try:
             self._check_dimensions(req.dimensions)
             outs = await tm.embedding_request(to_req_input(req.input, req.truncate), raw_request)
+        except ClientDisconnected:
+            return client_closed_response()
         except ValueError as e:
             return error_response(str(e), 400)
         except Exception as e:  # noqa: BLE001 - an unexpected failure still gets an OpenAI-style body

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from sglx.srt.entrypoints.openai.protocol import (
@@ -35,6 +35,11 @@ def error_body(message: str, status: int = 400, param: Optional[str] = None) -> 
 
 def error_response(message: str, status: int = 400, param: Optional[str] = None) -> JSONResponse:
     return JSONResponse(error_body(message, status, param), status_code=status)
+
+
+def client_closed_response() -> Response:
+    """For a client that went away (ClientDisconnected): 499, nginx's "client closed request"; nobody reads it."""
+    return Response(status_code=499)
 
 
 def validation_message(err: ValidationError) -> Tuple[str, Optional[str]]:

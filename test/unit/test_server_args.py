@@ -100,3 +100,39 @@ def test_quantization_and_prefill_budget_cli_flags():
     assert plain.quantization is None and plain.max_prefill_tokens is None  # resolved by the scheduler
     with pytest.raises(ValueError, match="--quantization must be one of fp8"):
         sa_mod.prepare_server_args(["--device", "cpu", "--quantization", "awq"])
+
+
+@pytest.mark.parametrize("kw,flag", [
+    ({"attention_backend": "bogus"}, "--attention-backend"), ({"decode_attention_backend": "fa4"}, "--decode-attention"),
+    ({"prefill_attention_backend": "Triton"}, "--prefill-attention"), ({"dtype": "float8"}, "--dtype"),
+    ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),  # a typo used to fall back to the model's dtype silently
+])
+def test_unknown_names_are_refused_at_parse_time(kw, flag):
+    """Refused by the launcher with the choices, not by the scheduler after the processes are up."""
+    with pytest.raises(ValueError, match=f"{flag}.* must be .*one of"):
+        ServerArgs(device="cpu", **kw)
+
+
+@pytest.mark.parametrize("kw", [{"attention_backend": "triton"}, {"decode_attention_backend": "fa3"},
+                                {"dtype": "bf16"}, {"kv_cache_dtype": "fp8_e4m3"}, {"kv_cache_dtype": "auto"}])
+def test_known_names_are_accepted(kw):
+    ServerArgs(device="cpu", **kw)
+
+
+def test_a_port_in_use_fails_before_anything_loads():
+    import socket
+
+    from sglx.launch_server import bind_http_socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}"):
+            bind_http_socket("127.0.0.1", port)
+    finally:
+        taken.close()
+    sock = bind_http_socket("127.0.0.1", port)  # free again: bound, and uvicorn listens on it
+    assert sock.getsockname()[1] == port
+    sock.close()

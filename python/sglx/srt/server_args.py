@@ -185,6 +185,19 @@ class ServerArgs:
         if self.sampling_backend == "flashinfer" and not self.device.startswith("cuda"):
             raise ValueError(f"--sampling-backend flashinfer needs a CUDA GPU (--device is {self.device}); "
                              "use --sampling-backend pytorch")
+        from sglx.srt.configs.model_config import _DTYPE_NAMES, KV_DTYPES
+        from sglx.srt.layers.attention.registry import attention_backend_names
+
+        if self.dtype != "auto" and self.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"--dtype must be auto or one of {', '.join(sorted(_DTYPE_NAMES))}; got {self.dtype}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_DTYPES:  # was silently the model's
+            raise ValueError(f"--kv-cache-dtype must be auto or one of {', '.join(sorted(KV_DTYPES))}; "
+                             f"got {self.kv_cache_dtype}")
+        names = attention_backend_names()
+        for flag in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+            name = getattr(self, flag)
+            if name is not None and name not in names:
+                raise ValueError(f"--{flag.replace('_', '-')} must be one of {', '.join(names)}; got {name}")
         if self.quantization is not None:
             from sglx.srt.layers.quantization import get_quantization_method
 

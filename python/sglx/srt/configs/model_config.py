@@ -36,6 +36,9 @@ _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+# --kv-cache-dtype values ("auto": the model's dtype).
+KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "float32": torch.float32}
 
 
 def load_hf_config(model_path: str, trust_remote_code: bool = False) -> Any:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from sglx.srt.configs.model_config import ModelConfig
+from sglx.srt.configs.model_config import KV_DTYPES, ModelConfig
 from sglx.srt.layers.attention.base_attn_backend import HybridAttnBackend
 from sglx.srt.layers.attention.registry import create_model_attention_backend
 from sglx.srt.layers.logits_processor import LogitsProcessorOutput
@@ -26,8 +26,6 @@ logger = logging.getLogger(__name__)
 # Without a GPU there is no memory to profile; this many KV tokens is a few hundred MB for small models.
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 32768
 
-KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "float32": torch.float32}
 
 
 # Attention backends whose extend path runs on the raw k/v when ForwardBatch.skip_kv_cache is set (they then

@@ -25,6 +25,11 @@ def _load_builtin() -> None:
     from sglx.srt.layers.attention import flashinfer_backend  # noqa: F401  (flashinfer and fa3; lazy imports)
 
 
+def attention_backend_names() -> list:
+    _load_builtin()
+    return sorted(ATTENTION_BACKENDS)
+
+
 def create_attention_backend(name: str, runner: Any) -> AttentionBackend:
     _load_builtin()
     if name not in ATTENTION_BACKENDS:

@@ -125,3 +125,25 @@ def test_watch_without_a_request_waits_without_polling():
         return await watch.client_gone()
 
     assert asyncio.run(gone()) is False
+
+
+def test_a_failed_input_of_a_batch_stops_the_others():
+    """A non-streamed batch whose first input the scheduler rejects: a 400 for the request, and the other
+    input is aborted now rather than left to generate for a response that is already an error."""
+    tm = _manager(False)
+
+    async def main():
+        gen = tm.generate_request(GenerateReqInput(input_ids=[[1, 2], [3, 4]],
+                                                   sampling_params={"max_new_tokens": 500}), None)
+        task = asyncio.create_task(gen.__anext__())
+        await asyncio.sleep(0.01)
+        rids = [m.rid for m in tm.send_to_scheduler.msgs if isinstance(m, TokenizedGenerateReqInput)]
+        tm._dispatch(BatchStrOut([rids[1]], [None], ["x"], [[7]], [2], [1], [0]))  # the second one runs
+        tm._dispatch(BatchStrOut([rids[0]], [{"type": "abort", "message": "too long"}], [""], [[]], [2], [0], [0]))
+        with pytest.raises(ValueError, match="too long"):
+            await asyncio.wait_for(task, 2)
+        await asyncio.sleep(0.01)
+        return rids, list(_aborted(tm)), dict(tm.rid_to_state)  # before asyncio.run cancels what is left
+
+    rids, aborted, states = asyncio.run(main())
+    assert rids[1] in aborted and not states

@@ -262,8 +262,7 @@ class TokenizerManager:
         tokenized = [self._tokenize(obj[i]) for i in range(n)]  # validate all before sending any
         gens = [self._wait_one(t, obj.return_text_in_logprobs, watch) for t in tokenized]
         if not obj.stream:
-            results = await asyncio.gather(*[_last(g) for g in gens])
-            yield list(results)
+            yield await _gather_or_cancel([_last(g) for g in gens])
             return
         async for out in _merge_streams(gens):
             yield out
@@ -393,6 +392,17 @@ class TokenizerManager:
 
     def server_args_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self.server_args)
+
+
+async def _gather_or_cancel(coros: List[Any]) -> List[Any]:
+    """asyncio.gather, except that the first failure cancels the rest (whose `finally` aborts their requests)
+    rather than leaving them to run to their end for a response that is already an error."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _last(gen: AsyncIterator[Any]) -> Any:

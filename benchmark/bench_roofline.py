@@ -54,8 +54,9 @@ PREFILL_GOAL = 0.85
 def static_model_size(model_path: str, dtype: str, device: str, kv_cache_dtype: str = "auto") -> bob.ModelSize:
     """bench_one_batch.model_size without loading weights: the model is built on the meta device (the
     engine's copy lives in the scheduler process) and the KV bytes come from ModelRunner.cell_size_bytes."""
+    from sglx.srt.configs.model_config import KV_DTYPES
     from sglx.srt.model_executor.model_loader import _default_dtype
-    from sglx.srt.model_executor.model_runner import KV_DTYPES, ModelRunner
+    from sglx.srt.model_executor.model_runner import ModelRunner
     from sglx.srt.models.registry import get_model_class
 
     cfg = ModelConfig.from_path(model_path, dtype=dtype, device=device)

@@ -264,7 +264,11 @@ def test_pooling_config_resolution(tmp_path):
     assert resolve_pooling_config(str(tmp_path), True, "mean").pooling == PoolingType.MEAN
 
 
-def test_skip_decision():
+def test_skip_decision(monkeypatch):
+    from sglx.srt.layers.attention import registry
+
+    # A registered backend without a raw-K/V path (as a plugin's would be): names are checked against the registry.
+    monkeypatch.setitem(registry.ATTENTION_BACKENDS, "some_backend", lambda runner: None)
     mc = SimpleNamespace(is_embedding=True)
 
     def args(**kw):

@@ -87,7 +87,8 @@ def test_embedding_batch_is_aborted_while_outputs_keep_arriving():
         return took, request
 
     took, request = asyncio.run(main())
-    assert 0.5 <= took < 0.5 + 0.3 + 2 * STEP_S + 0.2, took  # seen within one period of leaving
+    # Seen soon after leaving (one period, plus slack for a loaded machine), long before the 6 s the batch takes.
+    assert 0.5 <= took < 3.0, took
     assert n // 2 < len(_aborted(tm)) < n  # everything unfinished was aborted, the finished ones were not
     assert not tm.rid_to_state
     assert request.checks <= took / 0.3 + 1  # asked once per period, not once per output
@@ -113,7 +114,7 @@ def test_non_streamed_generation_is_aborted_while_tokens_keep_arriving():
         return rid, time.monotonic() - t0
 
     rid, took = asyncio.run(main())
-    assert took < 0.5 + 0.3 + 2 * STEP_S + 0.2, took
+    assert took < 3.0, took  # without the check it never ends (the loop gives up after 5 s)
     assert _aborted(tm) == [rid] and not tm.rid_to_state
 
 

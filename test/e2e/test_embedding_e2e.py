@@ -201,8 +201,8 @@ def test_minilm_client_disconnect_aborts_the_rest(minilm):
     # Drop the connection a second after the first inputs reach the scheduler (by then the tokenizer manager has
     # sent them all), not a fixed second after sending: on a loaded machine the server may not have read the
     # 2 MB body by then, and a request dropped before it is sent has nothing to abort (a CI run saw 0). Another
-    # saw 0 because the manager checked for a disconnect only after a quiet second, and on a fast machine a batch
-    # finished every second (fixed in the manager; test/unit/test_client_disconnect.py).
+    # saw 0 because the manager checked for a disconnect only after a quiet second, and at this fixture's 4096-token
+    # budget a batch finishes every ~0.3 s (fixed in the manager; test/unit/test_client_disconnect.py).
     deadline = time.time() + 60
     while minilm.server_info()["internal_state"]["num_waiting_reqs"] == 0 and time.time() < deadline:
         time.sleep(0.1)

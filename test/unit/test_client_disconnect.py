@@ -148,3 +148,26 @@ def test_a_failed_input_of_a_batch_stops_the_others():
 
     rids, aborted, states = asyncio.run(main())
     assert rids[1] in aborted and not states
+
+
+@pytest.mark.parametrize("by_detokenizer", [False, True])
+def test_only_a_detokenizer_abort_is_sent_back_to_the_scheduler(by_detokenizer):
+    """A request the scheduler ended aborted is gone from it already; one the detokenizer gave up on still runs
+    there, so the manager aborts it (once)."""
+    from sglx.srt.managers.detokenizer_manager import DETOKENIZER_ABORT
+
+    tm = _manager(False)
+
+    async def main():
+        gen = tm.generate_request(GenerateReqInput(input_ids=[1, 2], sampling_params={"max_new_tokens": 9}), None)
+        task = asyncio.create_task(gen.__anext__())
+        await asyncio.sleep(0.01)
+        rid = next(m.rid for m in tm.send_to_scheduler.msgs if isinstance(m, TokenizedGenerateReqInput))
+        reason = {"type": "abort", "message": "stopped", **({DETOKENIZER_ABORT: True} if by_detokenizer else {})}
+        tm._dispatch(BatchStrOut([rid], [reason], [""], [[]], [2], [0], [0]))
+        with pytest.raises(ValueError, match="stopped"):
+            await asyncio.wait_for(task, 2)
+        return rid
+
+    rid = asyncio.run(main())
+    assert _aborted(tm) == ([rid] if by_detokenizer else [])

@@ -7,7 +7,7 @@ import functools
 import pytest
 
 from sglx.srt.hf_transformers_utils import get_tokenizer
-from sglx.srt.managers.detokenizer_manager import DetokenizerManager, IncrementalDetokenizer
+from sglx.srt.managers.detokenizer_manager import DETOKENIZER_ABORT, DetokenizerManager, IncrementalDetokenizer
 from sglx.srt.managers.io_struct import BatchTokenIDOut
 from sglx.srt.sampling.sampling_params import SamplingParams, SamplingParamsError
 from sglx.srt.server_args import default_model_path
@@ -46,6 +46,7 @@ def test_one_failing_request_is_aborted_and_the_batch_goes_on():
     assert out.new_texts[0] == tok.decode(good) and out.finished_reasons[0] is None
     assert out.new_texts[1] == "" and out.finished_reasons[1]["type"] == "abort"
     assert "detokenization failed" in out.finished_reasons[1]["message"]
+    assert out.finished_reasons[1][DETOKENIZER_ABORT]  # the tokenizer manager aborts it in the scheduler
     assert "bad" not in dm.detok.states and "good" in dm.detok.states
     more = tok.encode(" down.")
     out = dm.handle(_batch(["good"], [more], [{"type": "length"}], [True]))

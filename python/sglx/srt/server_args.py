@@ -185,14 +185,11 @@ class ServerArgs:
         if self.sampling_backend == "flashinfer" and not self.device.startswith("cuda"):
             raise ValueError(f"--sampling-backend flashinfer needs a CUDA GPU (--device is {self.device}); "
                              "use --sampling-backend pytorch")
-        from sglx.srt.configs.model_config import _DTYPE_NAMES, KV_DTYPES
+        from sglx.srt.configs.model_config import _DTYPE_NAMES, KV_DTYPES, check_dtype_name
         from sglx.srt.layers.attention.registry import attention_backend_names
 
-        if self.dtype != "auto" and self.dtype not in _DTYPE_NAMES:
-            raise ValueError(f"--dtype must be auto or one of {', '.join(sorted(_DTYPE_NAMES))}; got {self.dtype}")
-        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_DTYPES:  # was silently the model's
-            raise ValueError(f"--kv-cache-dtype must be auto or one of {', '.join(sorted(KV_DTYPES))}; "
-                             f"got {self.kv_cache_dtype}")
+        check_dtype_name("--dtype", self.dtype, _DTYPE_NAMES)
+        check_dtype_name("--kv-cache-dtype", self.kv_cache_dtype, KV_DTYPES)  # a typo was silently the model's
         names = attention_backend_names()
         for flag in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
             name = getattr(self, flag)

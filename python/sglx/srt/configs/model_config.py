@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
@@ -76,10 +76,15 @@ def resolve_architecture(hf_config: Any) -> str:
     raise ValueError(f"Cannot tell the architecture of model_type {model_type!r}: config has no `architectures`")
 
 
+def check_dtype_name(flag: str, name: str, table: Dict[str, torch.dtype]) -> None:
+    """`auto` or a key of `table` (_DTYPE_NAMES, KV_DTYPES), else a ValueError naming the choices."""
+    if name != "auto" and name not in table:
+        raise ValueError(f"{flag} must be auto or one of {', '.join(sorted(table))}; got {name!r}")
+
+
 def resolve_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:
+    check_dtype_name("--dtype", dtype, _DTYPE_NAMES)
     if dtype != "auto":
-        if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"--dtype must be auto or one of {sorted(_DTYPE_NAMES)}; got {dtype!r}")
         return _DTYPE_NAMES[dtype]
     # CPU: bf16 matmuls are slow there and parity with fp32 references matters more.
     if not device.startswith("cuda"):

@@ -15,6 +15,9 @@ from sglx.srt.utils import PortArgs, get_zmq_socket
 
 logger = logging.getLogger(__name__)
 
+# Marks the finish reason of a request the detokenizer gave up on: the scheduler still runs it, so the tokenizer
+# manager aborts it there (a scheduler-side abort needs no such message).
+DETOKENIZER_ABORT = "detokenizer_abort"
 # A token sequence cut mid-character decodes to U+FFFD; wait for the next token before emitting it.
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -96,7 +99,7 @@ class DetokenizerManager:
                 logger.exception("detokenizing request %s failed", rid)
                 self.detok.states.pop(rid, None)
                 texts.append("")
-                reasons[i] = {"type": "abort", "message": f"detokenization failed: {e}"}
+                reasons[i] = {"type": "abort", "message": f"detokenization failed: {e}", DETOKENIZER_ABORT: True}
         return BatchStrOut(
             rids=m.rids, finished_reasons=reasons, new_texts=texts, new_output_ids=m.new_output_ids,
             prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens, cached_tokens=m.cached_tokens,

@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from sglx.srt.hf_transformers_utils import get_tokenizer
+from sglx.srt.managers.detokenizer_manager import DETOKENIZER_ABORT
 from sglx.srt.managers.io_struct import (
     AbortReq,
     BatchEmbeddingOut,
@@ -288,9 +289,9 @@ class TokenizerManager:
                     yield self._make_output(t.rid, st, with_text)
         finally:
             self.rid_to_state.pop(t.rid, None)
-            # The consumer went away (disconnect, cancellation), or the request ended aborted, perhaps by the
-            # detokenizer while the scheduler still runs it (the scheduler ignores a rid it no longer has).
-            if not st.finished or st.finished_reason.get("type") == "abort":
+            # The consumer went away (disconnect, cancellation), or the detokenizer gave up on a request that
+            # the scheduler still runs.
+            if not st.finished or st.finished_reason.get(DETOKENIZER_ABORT):
                 self.abort_request(t.rid)
 
     # ------------------------------------------------------------------ embeddings

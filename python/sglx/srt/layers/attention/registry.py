@@ -31,9 +31,8 @@ def attention_backend_names() -> list:
 
 
 def create_attention_backend(name: str, runner: Any) -> AttentionBackend:
-    _load_builtin()
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(ATTENTION_BACKENDS)}")
+    if name not in attention_backend_names():
+        raise ValueError(f"unknown attention backend {name!r}; available: {attention_backend_names()}")
     return ATTENTION_BACKENDS[name](runner)
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import requests
 import torch
 
-from sglx.srt.server_args import default_model_path
+from sglx.test.hf_reference import load_default_model
 
 NEW_TOKENS = 64
 LONG = ("In the beginning of the project the team wrote down what they wanted to build and why. " * 30).strip()
@@ -30,13 +29,7 @@ CHAT_PROMPTS = [
 
 @pytest.fixture(scope="module")
 def hf():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = default_model_path()
-    d, f = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    return tok, model
+    return load_default_model()
 
 
 def hf_greedy(model, ids, eos_ids):

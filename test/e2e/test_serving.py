@@ -90,6 +90,39 @@ def test_logprobs_native(server):
         assert top[0][0] >= top[1][0] >= top[2][0]
 
 
+def test_prompt_logprobs_native_and_openai_echo(server):
+    """A prompt scored from logprob_start_len agrees with itself across APIs, and with the output logprobs of
+    the same tokens generated from a shorter prompt (the decode path): prompt P + [t] scores t as P's greedy
+    output t was scored."""
+    gen = generate(server, {"text": "The capital of France is", "return_logprob": True,
+                            "sampling_params": {"max_new_tokens": 4, **GREEDY}})
+    n = gen["meta_info"]["prompt_tokens"]
+    ids = generate(server, {"text": "The capital of France is", "return_logprob": True, "logprob_start_len": 0,
+                            "sampling_params": {"max_new_tokens": 0}})["meta_info"]["input_token_logprobs"]
+    full = [t for _, t, _ in ids] + gen["output_ids"]
+    out = generate(server, {"input_ids": full, "return_logprob": True, "logprob_start_len": 1, "top_logprobs_num": 2,
+                            "return_text_in_logprobs": True, "sampling_params": {"max_new_tokens": 1, **GREEDY}})
+    meta = out["meta_info"]
+    scored = meta["input_token_logprobs"]
+    assert len(ids) == n and ids[0][0] is None and [t for _, t, _ in scored] == full[1:]
+    for (lp, tid, _), (want, want_id, _) in zip(scored[n - 1:], gen["meta_info"]["output_token_logprobs"]):
+        assert tid == want_id and abs(lp - want) < 1e-3, (lp, want)
+    assert len(meta["input_top_logprobs"]) == len(full) - 1 and all(len(t) == 2 for t in meta["input_top_logprobs"])
+    # OpenAI's echo with logprobs scores the same prompt: null first, then the same values.
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key="none")
+    comp = client.completions.create(model="SmolLM2-135M-Instruct", prompt=full, max_tokens=0, echo=True,
+                                     logprobs=1)
+    lp = comp.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(full)
+    assert max(abs(a - b[0]) for a, b in zip(lp.token_logprobs[1:], scored)) < 1e-4
+    # A start past the prompt is a 400, and the server goes on.
+    r = requests.post(server.url("/generate"), json={"input_ids": full, "return_logprob": True,
+                                                       "logprob_start_len": len(full)})
+    assert r.status_code == 400 and "logprob_start_len" in r.text
+    r = requests.post(server.url("/generate"), json={"text": "x", "return_logprob": True, "logprob_start_len": "0"})
+    assert r.status_code == 400
+
+
 def test_openai_sdk(server):
     client = openai.OpenAI(base_url=server.url("/v1"), api_key="none")
     models = client.models.list()

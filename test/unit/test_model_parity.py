@@ -6,7 +6,6 @@ same tokens within 1e-3 relative error; page sizes 1 and 16; mixed prefill lengt
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ import torch
 from sglx.srt.configs.model_config import ModelConfig
 from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
 from sglx.srt.model_executor.model_runner import ModelRunner
-from sglx.srt.server_args import ServerArgs, default_model_path
+from sglx.srt.server_args import ServerArgs
+from sglx.test.hf_reference import load_default_model
 
 PROMPTS = [
     "The capital of France is",
@@ -26,13 +26,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def hf():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = default_model_path()
-    d, f = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    return tok, model
+    return load_default_model()
 
 
 def make_runner(page_size: int) -> ModelRunner:

@@ -38,6 +38,10 @@ def lp_of(j: int) -> float:
     return -0.125 * (j + 1)  # exact in binary, so JSON round trips compare with ==
 
 
+def prompt_lp_of(j: int) -> Optional[float]:
+    return None if j == 0 else -0.5 * j  # a prompt's first token has no logprob
+
+
 class FakeTokenizerManager:
     served_model_name = MODEL
     model_path = "/models/fake"
@@ -79,6 +83,14 @@ class FakeTokenizerManager:
                     meta["output_top_logprobs"] = [
                         [(lp_of(j) - m, ids[j] + m, tok.decode([ids[j] + m])) for m in range(sub.top_logprobs_num)]
                         for j in range(k)
+                    ]
+            if sub.return_logprob and sub.logprob_start_len is not None and sub.logprob_start_len >= 0:
+                p_ids = sub.input_ids if sub.input_ids is not None else tok.encode(sub.text)
+                meta["input_token_logprobs"] = [(prompt_lp_of(j), t, tok.decode([t])) for j, t in enumerate(p_ids)]
+                if sub.top_logprobs_num:
+                    meta["input_top_logprobs"] = [None] + [
+                        [(prompt_lp_of(j) - m, t + m, tok.decode([t + m])) for m in range(sub.top_logprobs_num)]
+                        for j, t in enumerate(p_ids) if j > 0
                     ]
             steps.append({"text": tok.decode(ids[:k]), "output_ids": ids[:k], "meta_info": meta})
         return steps
@@ -285,6 +297,33 @@ def test_completion_echo(client, tokenizer):
         reply_ids(tokenizer)[:3])
 
 
+def test_completion_echo_with_logprobs(client, fake_tm, tokenizer):
+    """The prompt is scored from its first token: its tokens and logprobs (null first) lead, then the
+    completion's, with text offsets into the returned text; streamed, the first chunk carries the prompt's."""
+    ids = tokenizer.encode("Score this prompt")
+    p_texts = [tokenizer.decode([t]) for t in ids]
+    out_ids = reply_ids(tokenizer)[:2]
+    out_texts = [tokenizer.decode([t]) for t in out_ids]
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, echo=True, logprobs=1)
+    assert fake_tm.received[-1].logprob_start_len == 0
+    lp = r.choices[0].logprobs
+    assert lp.tokens == p_texts + out_texts
+    assert lp.token_logprobs == [prompt_lp_of(j) for j in range(len(ids))] + [lp_of(0), lp_of(1)]
+    assert lp.top_logprobs[0] is None
+    assert lp.top_logprobs[1] == {p_texts[1]: prompt_lp_of(1)}  # (the fake's top-1 is the token itself)
+    prompt_len = len(tokenizer.decode(ids))
+    assert lp.text_offset[: len(ids)] == [sum(len(t) for t in p_texts[:j]) for j in range(len(ids))]
+    assert lp.text_offset[len(ids):] == [prompt_len, prompt_len + len(out_texts[0])]
+    chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=2, echo=True, logprobs=1,
+                                            stream=True))
+    assert chunks[0].choices[0].logprobs.tokens == p_texts + out_texts[:1]
+    assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), []) == lp.token_logprobs
+    assert sum((c.choices[0].logprobs.text_offset for c in chunks), []) == lp.text_offset
+    # Without echo the prompt is not scored.
+    client.completions.create(model=MODEL, prompt=ids, max_tokens=2, logprobs=1)
+    assert fake_tm.received[-1].logprob_start_len == -1
+
+
 # ----------------------------------------------------------------------------- /v1/chat/completions
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
 
@@ -412,7 +451,6 @@ def test_bad_json_400(base_url, fake_tm, path, body):
     ("/v1/completions", {"prompt": [[1, 2], []]}, "empty"),
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
     ("/v1/completions", {"prompt": []}, "empty"),
-    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "json_object"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import random
-from typing import List, Optional
+from typing import Optional
 
 from sglx.evals.common import EvalError, EvalItem, find_data, read_text
 from sglx.evals.multichoice import LETTERS, MultipleChoiceEval, build_prompt

@@ -6,10 +6,8 @@ import asyncio
 import atexit
 import logging
 import multiprocessing as mp
-import os
 import signal
 import threading
-import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from sglx.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput, ProfileReq
@@ -127,10 +125,14 @@ class Engine:
         return_logprob: bool = False,
         top_logprobs_num: Optional[int] = None,
         stream: bool = False,
+        logprob_start_len: Optional[Union[int, List[int]]] = None,
     ) -> Union[Dict, List[Dict], Iterator[Dict]]:
+        """`logprob_start_len` (with return_logprob): also return the prompt's logprobs from that position on
+        (meta_info["input_token_logprobs"]), as SGLang does."""
         self._check_alive()
         obj = GenerateReqInput(text=prompt, input_ids=input_ids, sampling_params=sampling_params,
-                               return_logprob=return_logprob, top_logprobs_num=top_logprobs_num, stream=stream)
+                               return_logprob=return_logprob, top_logprobs_num=top_logprobs_num, stream=stream,
+                               logprob_start_len=logprob_start_len)
         gen = self.tokenizer_manager.generate_request(obj)
         if stream:
             return self._iterate(gen)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import time
 from typing import Any, AsyncIterator, Dict, Optional
 
 import orjson

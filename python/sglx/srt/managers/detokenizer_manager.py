@@ -104,7 +104,7 @@ class DetokenizerManager:
             rids=m.rids, finished_reasons=reasons, new_texts=texts, new_output_ids=m.new_output_ids,
             prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens, cached_tokens=m.cached_tokens,
             output_token_logprobs=m.output_token_logprobs, output_top_logprobs=m.output_top_logprobs,
-            input_token_logprobs=m.input_token_logprobs,
+            input_token_logprobs=m.input_token_logprobs, input_top_logprobs=m.input_top_logprobs,
         )
 
     def event_loop(self) -> None:

@@ -73,6 +73,10 @@ class GenerateReqInput:
             raise ValueError("rid must be a string or a list of strings")
         if not isinstance(self.stream, bool):
             raise ValueError("stream must be a boolean")
+        for name in ("sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num"):
+            v = getattr(self, name)
+            if isinstance(v, list) and (self.is_single() or len(v) != self.batch_size()):
+                raise ValueError(f"{name} as a list needs one entry per prompt of a batch")
 
     def is_single(self) -> bool:
         if self.text is not None:
@@ -257,7 +261,10 @@ class BatchTokenIDOut:
     output_token_logprobs: List[Optional[List[Tuple[float, int]]]] = field(default_factory=list)
     # Per request: per new token, list of (logprob, token_id), or None.
     output_top_logprobs: List[Optional[List[List[Tuple[float, int]]]]] = field(default_factory=list)
+    # Per request: the prompt logprobs not sent before, (logprob, token_id) from logprob_start_len on (the
+    # first prompt token's logprob is None), or None when not asked for; and per prompt token its top list.
     input_token_logprobs: List[Optional[List[Tuple[Optional[float], int]]]] = field(default_factory=list)
+    input_top_logprobs: List[Optional[List[Optional[List[Tuple[float, int]]]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -284,4 +291,7 @@ class BatchStrOut:
     cached_tokens: List[int]
     output_token_logprobs: List[Optional[List[Tuple[float, int]]]] = field(default_factory=list)
     output_top_logprobs: List[Optional[List[List[Tuple[float, int]]]]] = field(default_factory=list)
+    # Per request: the prompt logprobs not sent before, (logprob, token_id) from logprob_start_len on (the
+    # first prompt token's logprob is None), or None when not asked for; and per prompt token its top list.
     input_token_logprobs: List[Optional[List[Tuple[Optional[float], int]]]] = field(default_factory=list)
+    input_top_logprobs: List[Optional[List[Optional[List[Tuple[float, int]]]]]] = field(default_factory=list)

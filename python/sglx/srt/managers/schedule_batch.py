@@ -48,6 +48,7 @@ class Req:
         top_logprobs_num: int = 0,
         stream: bool = False,
         max_seq_len: int = 1 << 30,
+        logprob_start_len: int = -1,
     ) -> None:
         self.rid = rid
         self.origin_input_text = origin_input_text
@@ -79,6 +80,16 @@ class Req:
         self.send_offset = 0
         self.output_token_logprobs: List[Tuple[float, int]] = []
         self.output_top_logprobs: List[List[Tuple[float, int]]] = []
+        # Prompt logprobs (return_logprob with logprob_start_len >= 0): (logprob, id) of each prompt token from
+        # position logprob_start_len on, filled chunk by chunk as the prefill runs. Position 0 has no context:
+        # its logprob (and top list) is None. input_logprobs_sent: how many were already streamed.
+        self.logprob_start_len = logprob_start_len if return_logprob else -1
+        self.input_token_logprobs: List[Tuple[Optional[float], int]] = []
+        self.input_top_logprobs: List[Optional[List[Tuple[float, int]]]] = []
+        self.input_logprobs_sent = 0
+        if self.logprob_start_len == 0 and origin_input_ids:
+            self.input_token_logprobs.append((None, origin_input_ids[0]))
+            self.input_top_logprobs.append(None)
 
         # Embedding requests: one prefill, no sampling; the pooled vector once it ran.
         self.token_type_ids: Optional[List[int]] = None
@@ -98,15 +109,33 @@ class Req:
     def finished(self) -> bool:
         return self.finished_reason is not None
 
+    @property
+    def next_input_logprob_pos(self) -> int:
+        """The first prompt position whose logprob is still to be computed; len(prompt) when none is."""
+        if self.logprob_start_len < 0:
+            return len(self.origin_input_ids)
+        return self.logprob_start_len + len(self.input_token_logprobs)
+
+    def input_logprob_rows(self, prefix_len: int, seq_len: int) -> range:
+        """The positions of an extend over [prefix_len, seq_len) whose logits score a prompt token still
+        unscored: position q scores prompt token q + 1 (the last prompt position predicts the first output)."""
+        lo = max(prefix_len, self.next_input_logprob_pos - 1)
+        hi = min(seq_len, len(self.origin_input_ids) - 1)
+        return range(lo, max(lo, hi))
+
     def init_next_round_input(self, tree_cache: BasePrefixCache) -> None:
         """Match the longest cached prefix of what must be in KV after the next prefill (at least one token
-        is always computed, so the prefill has a position to take logits from)."""
+        is always computed, so the prefill has a position to take logits from). Prompt tokens still to be
+        scored need the hidden state before them computed, so the match stops there."""
         self.fill_ids = self.all_ids()
         if self.is_chunked:
             # A chunked prefill continues from its own slots, already locked in the tree.
             self.extend_input_len = len(self.fill_ids) - len(self.prefix_indices)
             return
-        match = tree_cache.match_prefix(self.fill_ids[: len(self.fill_ids) - 1])
+        limit = len(self.fill_ids) - 1
+        if self.next_input_logprob_pos < len(self.origin_input_ids):
+            limit = min(limit, self.next_input_logprob_pos - 1)
+        match = tree_cache.match_prefix(self.fill_ids[:limit])
         self.prefix_indices, self.last_node = match.device_indices, match.last_node
         self.extend_input_len = len(self.fill_ids) - len(self.prefix_indices)
 
@@ -170,6 +199,11 @@ class ScheduleBatch:
         self.seq_lens: List[int] = []
         self.prefix_lens: List[int] = []
         self.out_cache_loc: Optional[torch.Tensor] = None
+        # Prompt logprobs of this extend: per request how many it scores, and for all of them together the
+        # rows of the batch's tokens whose logits score them and the ids they score (Req.input_logprob_rows).
+        self.input_logprob_counts: List[int] = []
+        self.input_logprob_indices: List[int] = []
+        self.input_logprob_targets: List[int] = []
 
     # ---------------------------------------------------------------- extend
     def prepare_for_extend(self) -> None:
@@ -200,6 +234,18 @@ class ScheduleBatch:
             ctx.req_to_token_pool.write(r.req_pool_idx, pre, loc[off : off + seq - pre])
             off += seq - pre
             r.kv_len = seq
+        if not ctx.is_embedding:
+            self.plan_input_logprobs()
+
+    def plan_input_logprobs(self) -> None:
+        self.input_logprob_counts, self.input_logprob_indices, self.input_logprob_targets = [], [], []
+        offset = 0  # of each request's first new token in the batch
+        for r, pre, seq in zip(self.reqs, self.prefix_lens, self.seq_lens):
+            rows = r.input_logprob_rows(pre, seq)
+            self.input_logprob_counts.append(len(rows))
+            self.input_logprob_indices.extend(offset + q - pre for q in rows)
+            self.input_logprob_targets.extend(r.origin_input_ids[q + 1] for q in rows)
+            offset += seq - pre
 
     # ---------------------------------------------------------------- decode
     def decode_tokens_needed(self) -> int:
@@ -257,6 +303,11 @@ class ScheduleBatch:
         batch.return_logprob = any(r.return_logprob for r in self.reqs)
         if batch.return_logprob:
             batch.top_logprobs_nums = [r.top_logprobs_num for r in self.reqs]
+        if self.input_logprob_indices and self.forward_mode.is_extend():
+            batch.input_logprob_indices = self.input_logprob_indices
+            batch.input_logprob_targets = self.input_logprob_targets
+            batch.input_top_logprobs_num = max(
+                r.top_logprobs_num for r, c in zip(self.reqs, self.input_logprob_counts) if c)
         return batch
 
 

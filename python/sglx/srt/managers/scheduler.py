@@ -308,7 +308,7 @@ class Scheduler:
     def handle_generate_request(self, m: TokenizedGenerateReqInput) -> None:
         sp = m.sampling_params
         req = Req(m.rid, m.input_text, list(m.input_ids), sp, self.eos_token_ids, m.return_logprob,
-                  m.top_logprobs_num, m.stream, max_seq_len=self.max_req_len)
+                  m.top_logprobs_num, m.stream, max_seq_len=self.max_req_len, logprob_start_len=m.logprob_start_len)
         if self.is_embedding:
             req.finished_reason = finish_abort("this server serves an embedding model: use /v1/embeddings or /encode")
         elif not req.origin_input_ids:
@@ -495,7 +495,26 @@ class Scheduler:
             if req.top_logprobs_num > 0 and out.top_logprobs_val is not None:
                 req.output_top_logprobs.append(list(zip(out.top_logprobs_val[i], out.top_logprobs_idx[i])))
 
+    @staticmethod
+    def _append_input_logprobs(batch: ScheduleBatch, out: HostSamplerOutput) -> None:
+        """Each request's share of the prompt logprobs this extend computed (in the order it planned them)."""
+        if not batch.input_logprob_indices or out.input_token_logprobs is None:
+            return
+        start = 0
+        for req, count in zip(batch.reqs, batch.input_logprob_counts):
+            end = start + count
+            req.input_token_logprobs.extend(zip(out.input_token_logprobs[start:end],
+                                                batch.input_logprob_targets[start:end]))
+            if req.top_logprobs_num > 0 and out.input_top_logprobs_val is not None:
+                k = req.top_logprobs_num
+                req.input_top_logprobs.extend(
+                    list(zip(val[:k], idx[:k]))
+                    for val, idx in zip(out.input_top_logprobs_val[start:end], out.input_top_logprobs_idx[start:end])
+                )
+            start = end
+
     def process_prefill_result(self, batch: ScheduleBatch, out: HostSamplerOutput) -> None:
+        self._append_input_logprobs(batch, out)
         for i, req in enumerate(batch.reqs):
             if req is self.chunked_req:
                 # Only part of the prompt ran: cache it (so the next chunk continues from it), sample nothing.
@@ -563,7 +582,7 @@ class Scheduler:
         if self.is_embedding:
             self.stream_embedding_output(reqs)
             return
-        out = BatchTokenIDOut([], [], [], [], [], [], [], [], [], [])
+        out = BatchTokenIDOut([], [], [], [], [], [], [], [], [], [])  # (the logprob lists start empty too)
         for r in reqs:
             if r is self.chunked_req and not r.finished():
                 continue
@@ -591,7 +610,14 @@ class Scheduler:
             else:
                 out.output_token_logprobs.append(None)
                 out.output_top_logprobs.append(None)
-            out.input_token_logprobs.append(None)
+            if r.logprob_start_len >= 0:  # the prompt's logprobs not sent yet (all of them, on the first output)
+                sent = r.input_logprobs_sent
+                out.input_token_logprobs.append(r.input_token_logprobs[sent:])
+                out.input_top_logprobs.append(r.input_top_logprobs[sent:] if r.top_logprobs_num > 0 else None)
+                r.input_logprobs_sent = len(r.input_token_logprobs)
+            else:
+                out.input_token_logprobs.append(None)
+                out.input_top_logprobs.append(None)
             r.send_offset = len(r.output_ids)
         if out.rids:
             self.send_to_detokenizer.send_pyobj(out)

@@ -117,6 +117,10 @@ class ReqState:
     top_logprobs: List[Any] = field(default_factory=list)
     return_logprob: bool = False
     top_n: int = 0
+    # Prompt logprobs (logprob_start_len >= 0): they arrive with the first output.
+    want_input_logprobs: bool = False
+    input_token_logprobs: List[Any] = field(default_factory=list)
+    input_top_logprobs: List[Any] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -185,6 +189,10 @@ class TokenizerManager:
                     st.token_logprobs.extend(msg.output_token_logprobs[i])
                 if msg.output_top_logprobs and msg.output_top_logprobs[i]:
                     st.top_logprobs.extend(msg.output_top_logprobs[i])
+                if msg.input_token_logprobs and msg.input_token_logprobs[i]:
+                    st.input_token_logprobs.extend(msg.input_token_logprobs[i])
+                if msg.input_top_logprobs and msg.input_top_logprobs[i]:
+                    st.input_top_logprobs.extend(msg.input_top_logprobs[i])
                 st.event.set()
         elif isinstance(msg, BatchEmbeddingOut):
             for i, rid in enumerate(msg.rids):
@@ -235,11 +243,17 @@ class TokenizerManager:
         top_n = obj.top_logprobs_num or 0
         if not isinstance(top_n, int) or isinstance(top_n, bool) or not 0 <= top_n <= 20:
             raise ValueError("top_logprobs_num must be an integer in [0, 20]")
+        if obj.return_logprob is not None and not isinstance(obj.return_logprob, bool):
+            raise ValueError("return_logprob must be a boolean")
+        start = obj.logprob_start_len if obj.logprob_start_len is not None else -1
+        if not isinstance(start, int) or isinstance(start, bool) or not -1 <= start < len(input_ids):
+            raise ValueError(f"logprob_start_len must be an integer in [-1, {len(input_ids) - 1}] "
+                             f"(the prompt has {len(input_ids)} tokens; -1: no prompt logprobs)")
+        return_logprob = bool(obj.return_logprob or top_n)
         return TokenizedGenerateReqInput(
             rid=obj.rid or new_rid(), input_text=obj.text if isinstance(obj.text, str) else None,
-            input_ids=input_ids, sampling_params=sp, return_logprob=bool(obj.return_logprob or top_n),
-            logprob_start_len=obj.logprob_start_len if obj.logprob_start_len is not None else -1,
-            top_logprobs_num=top_n, stream=obj.stream,
+            input_ids=input_ids, sampling_params=sp, return_logprob=return_logprob,
+            logprob_start_len=start if return_logprob else -1, top_logprobs_num=top_n, stream=obj.stream,
         )
 
     async def generate_request(self, obj: GenerateReqInput, request: Any = None) -> AsyncIterator[Any]:
@@ -272,7 +286,8 @@ class TokenizerManager:
                         watch: DisconnectWatch) -> AsyncIterator[Dict]:
         if t.rid in self.rid_to_state:
             raise ValueError(f"duplicate request id {t.rid}")
-        st = ReqState(stream=t.stream, return_logprob=t.return_logprob, top_n=t.top_logprobs_num)
+        st = ReqState(stream=t.stream, return_logprob=t.return_logprob, top_n=t.top_logprobs_num,
+                      want_input_logprobs=t.logprob_start_len >= 0)
         self.rid_to_state[t.rid] = st
         self.send_to_scheduler.send_pyobj(t)
         try:
@@ -368,6 +383,12 @@ class TokenizerManager:
             meta["output_token_logprobs"] = [fmt(lp, tid) for lp, tid in st.token_logprobs]
             if st.top_n:
                 meta["output_top_logprobs"] = [[fmt(lp, tid) for lp, tid in row] for row in st.top_logprobs]
+            if st.want_input_logprobs:
+                meta["input_token_logprobs"] = [fmt(lp, tid) for lp, tid in st.input_token_logprobs]
+                if st.top_n:
+                    meta["input_top_logprobs"] = [
+                        None if row is None else [fmt(lp, tid) for lp, tid in row] for row in st.input_top_logprobs
+                    ]
         return {"text": st.text, "output_ids": list(st.output_ids), "meta_info": meta}
 
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:

@@ -24,6 +24,11 @@ class HostSamplerOutput:
     next_token_logprobs: Optional[List[float]] = None
     top_logprobs_val: Optional[List[List[float]]] = None
     top_logprobs_idx: Optional[List[List[int]]] = None
+    # Prompt logprobs of an extend (ScheduleBatch.input_logprob_* says whose): one value per scored position,
+    # and its top alternatives (the batch's largest k; each request keeps its own first top_logprobs_num).
+    input_token_logprobs: Optional[List[float]] = None
+    input_top_logprobs_val: Optional[List[List[float]]] = None
+    input_top_logprobs_idx: Optional[List[List[int]]] = None
 
 
 class HostCopy:
@@ -69,15 +74,18 @@ class GenerationBatchResult:
     _host: Optional[HostSamplerOutput] = None
 
     def start_host_copy(self) -> None:
-        out = self.sampler_output
+        out, lo = self.sampler_output, self.logits_output
         self._copy = HostCopy([out.next_token_ids, out.next_token_logprobs, out.top_logprobs_val,
-                               out.top_logprobs_idx])
+                               out.top_logprobs_idx, lo.input_token_logprobs, lo.input_top_logprobs_val,
+                               lo.input_top_logprobs_idx])
 
     def host(self) -> HostSamplerOutput:
         """The sampled tokens on the host; blocks until this step's copies (and so the step) are done."""
         if self._host is None:
-            ids, logprobs, top_val, top_idx = (t.tolist() if t is not None else None for t in self._copy.wait())
-            self._host = HostSamplerOutput(ids, logprobs)
+            ids, logprobs, top_val, top_idx, in_lp, in_top_val, in_top_idx = (
+                t.tolist() if t is not None else None for t in self._copy.wait())
+            self._host = HostSamplerOutput(ids, logprobs, input_token_logprobs=in_lp,
+                                           input_top_logprobs_val=in_top_val, input_top_logprobs_idx=in_top_idx)
             if top_val is not None:
                 self._host.top_logprobs_val, self._host.top_logprobs_idx = top_logprobs_to_lists(
                     top_val, top_idx, self.top_logprobs_nums)

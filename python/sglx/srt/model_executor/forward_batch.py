@@ -49,6 +49,11 @@ class ModelWorkerBatch:
     sampling_info: Any = None  # SamplingBatchInfo
     return_logprob: bool = False
     top_logprobs_nums: Optional[List[int]] = None
+    # Prompt logprobs (extend only): the batch's token rows whose logits score a prompt token, the ids they
+    # score, and how many top alternatives the most demanding of their requests wants.
+    input_logprob_indices: Optional[List[int]] = None
+    input_logprob_targets: Optional[List[int]] = None
+    input_top_logprobs_num: int = 0
     # Embedding serving: pooled hidden states instead of logits.
     is_embedding: bool = False
     token_type_ids: Optional[List[int]] = None
@@ -80,6 +85,10 @@ class ForwardBatch:
     return_logprob: bool = False
     top_logprobs_nums: Optional[List[int]] = None
     token_type_ids: Optional[torch.Tensor] = None
+    # Prompt logprobs (ModelWorkerBatch says what they are), on the device; None when no request asks.
+    input_logprob_indices: Optional[torch.Tensor] = None
+    input_logprob_targets: Optional[torch.Tensor] = None
+    input_top_logprobs_num: int = 0
     # Skip the KV cache (prefill-only embedding serving; decided once, in model_runner.decide_skip_kv_cache):
     # attention runs on this batch's raw k/v, varlen over requests, the queries' cumulative lengths used for
     # the keys too (no request has a cached prefix). The KV pool is a NoOpKVPool: nothing may write or read it.
@@ -125,6 +134,9 @@ class ForwardBatch:
             return_logprob=b.return_logprob,
             top_logprobs_nums=b.top_logprobs_nums,
             token_type_ids=t(b.token_type_ids) if b.token_type_ids is not None else None,
+            input_logprob_indices=t(b.input_logprob_indices) if b.input_logprob_indices else None,
+            input_logprob_targets=t(b.input_logprob_targets) if b.input_logprob_indices else None,
+            input_top_logprobs_num=b.input_top_logprobs_num,
             skip_kv_cache=skip_kv_cache,
         )
 

@@ -199,6 +199,7 @@ class OpenAIServingBase(ABC):
         sampling: Dict[str, Any],
         return_logprob: bool,
         top_logprobs_num: int,
+        logprob_start_len: int = -1,
     ) -> GenPlan:
         n = req.num_choices
         base = new_rid()
@@ -221,6 +222,7 @@ class OpenAIServingBase(ABC):
             rid=rids[0] if single else rids,
             return_logprob=return_logprob,
             top_logprobs_num=top_logprobs_num,
+            logprob_start_len=logprob_start_len,
             return_text_in_logprobs=True,
             stream=bool(req.stream),
         )

@@ -3,8 +3,10 @@
 Prompts may be a string, a list of strings, a list of token ids or a list of such lists; with n > 1 each
 prompt is sampled n times and choice `p * n + j` is prompt p's j-th sample (OpenAI's order).
 `max_tokens` defaults to 16 as in OpenAI's API; an explicit null means "up to the context".
-Not supported (400): `suffix`, `best_of` other than n, and `echo` together with `logprobs` (that needs
-prompt logprobs, which the manager does not return).
+`echo` with `logprobs` returns the prompt's tokens and logprobs first (the first token's logprob is null, as
+OpenAI's), then the completion's: the prompt is scored from its first token (logprob_start_len 0), which is
+what loglikelihood evaluations (lm-eval's completions API with max_tokens 0 or 1) read.
+Not supported (400): `suffix`, `best_of` other than n.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from sglx.srt.entrypoints.openai.protocol import (
+    CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
@@ -22,9 +25,11 @@ from sglx.srt.entrypoints.openai.protocol import (
 from sglx.srt.entrypoints.openai.serving_base import ChoiceState, GenPlan, OpenAIServingBase, Prompt
 from sglx.srt.entrypoints.openai.utils import (
     TokenLogprob,
+    echo_completion_logprobs,
     finish_reason_str,
     logprobs_since,
     matched_stop,
+    prompt_logprobs,
     to_completion_logprobs,
 )
 
@@ -51,8 +56,6 @@ class OpenAIServingCompletion(OpenAIServingBase):
             raise ValueError("suffix is not supported.")
         if req.best_of is not None and req.best_of != req.num_choices:
             raise ValueError("best_of is not supported (only best_of equal to n).")
-        if req.echo and req.logprobs is not None:
-            raise ValueError("echo with logprobs is not supported (prompt logprobs are not returned).")
         prompts = normalize_prompts(req.prompt)
         sampling = self.sampling_params(req, req.max_tokens)
         return self.make_plan(
@@ -61,6 +64,7 @@ class OpenAIServingCompletion(OpenAIServingBase):
             sampling,
             return_logprob=req.logprobs is not None,
             top_logprobs_num=req.logprobs or 0,
+            logprob_start_len=0 if req.echo and req.logprobs is not None else -1,
         )
 
     def _echo_text(self, req: CompletionRequest, plan: GenPlan, index: int) -> str:
@@ -74,6 +78,14 @@ class OpenAIServingCompletion(OpenAIServingBase):
             raise ValueError("echo of a token-id prompt needs a tokenizer; the server runs without one.")
         return tokenizer.decode(prompt)
 
+    def _logprobs(self, req: CompletionRequest, meta: Dict[str, Any], output: List[TokenLogprob],
+                  text_offset: int, first: bool) -> CompletionLogProbs:
+        """The output's logprobs; with echo, the first chunk (or the whole response) leads with the prompt's."""
+        if req.echo and first:
+            prompt = prompt_logprobs(meta, self.tokenizer_manager.tokenizer)
+            return echo_completion_logprobs(prompt, output, text_offset)
+        return to_completion_logprobs(output, text_offset)
+
     # ------------------------------------------------------------------ non-streaming
     def build_response(self, req: CompletionRequest, plan: GenPlan, outputs: List[Dict[str, Any]]) -> CompletionResponse:
         choices = []
@@ -82,8 +94,8 @@ class OpenAIServingCompletion(OpenAIServingBase):
             prefix = self._echo_text(req, plan, i)
             logprobs = None
             if plan.want_logprobs:
-                entries = logprobs_since(meta, 0, self.tokenizer_manager.tokenizer)
-                logprobs = to_completion_logprobs(entries, len(prefix))
+                logprobs = self._logprobs(req, meta, logprobs_since(meta, 0, self.tokenizer_manager.tokenizer),
+                                          len(prefix), first=True)
             fr = meta.get("finish_reason")
             choices.append(
                 CompletionResponseChoice(
@@ -120,7 +132,7 @@ class OpenAIServingCompletion(OpenAIServingBase):
             state.text_offset = len(prefix)
         lp = None
         if plan.want_logprobs:
-            lp = to_completion_logprobs(logprobs, state.text_offset)
+            lp = self._logprobs(req, state.meta, logprobs, state.text_offset, first=not state.started)
             state.text_offset += sum(len(e.text) for e in logprobs)
         choice = CompletionStreamChoice(
             index=index,

@@ -97,10 +97,11 @@ def aggregate_usage(metas: Sequence[Dict[str, Any]], choices_per_prompt: int) ->
 # ----------------------------------------------------------------------------- logprobs
 @dataclass
 class TokenLogprob:
-    """One output token's logprob and its top alternatives, independent of the API shape."""
+    """One token's logprob and its top alternatives, independent of the API shape. A prompt's first token has
+    no context: its logprob is None (and it has no top list)."""
 
     token_id: int
-    logprob: float
+    logprob: Optional[float]
     text: str
     top: List[Tuple[int, float, str]] = field(default_factory=list)
 
@@ -130,15 +131,30 @@ def logprobs_since(meta: Dict[str, Any], start: int, tokenizer: Any) -> List[Tok
     return out
 
 
+def prompt_logprobs(meta: Dict[str, Any], tokenizer: Any) -> List[TokenLogprob]:
+    """The prompt tokens' logprobs (the manager's input_token_logprobs, asked for with logprob_start_len)."""
+    chosen = meta.get("input_token_logprobs") or []
+    tops = meta.get("input_top_logprobs") or []
+    out: List[TokenLogprob] = []
+    for i, entry in enumerate(chosen):
+        tid, lp, text = _unpack(entry, tokenizer)
+        top_i = tops[i] if i < len(tops) and tops[i] else []
+        out.append(TokenLogprob(tid, None if entry[0] is None else lp, text, [_unpack(t, tokenizer) for t in top_i]))
+    return out
+
+
 def to_completion_logprobs(entries: Sequence[TokenLogprob], text_offset: int) -> CompletionLogProbs:
-    """OpenAI's legacy shape. The top dict holds the top-k and, like OpenAI, the chosen token too.
-    text_offset counts characters from the start of the returned text (the prompt, when echoed)."""
+    """OpenAI's legacy shape. The top dict holds the top-k and, like OpenAI, the chosen token too (None for a
+    prompt's first token, which has no logprob). text_offset counts characters from the start of the
+    returned text (the prompt, when echoed)."""
     tops: List[Optional[Dict[str, float]]] = []
     offsets: List[int] = []
     offset = text_offset
     for e in entries:
-        top = {text: lp for _, lp, text in e.top}
-        top.setdefault(e.text, e.logprob)
+        top: Optional[Dict[str, float]] = None
+        if e.logprob is not None:
+            top = {text: lp for _, lp, text in e.top}
+            top.setdefault(e.text, e.logprob)
         tops.append(top)
         offsets.append(offset)
         offset += len(e.text)
@@ -148,6 +164,14 @@ def to_completion_logprobs(entries: Sequence[TokenLogprob], text_offset: int) ->
         top_logprobs=tops,
         text_offset=offsets,
     )
+
+
+def echo_completion_logprobs(prompt: Sequence[TokenLogprob], output: Sequence[TokenLogprob],
+                             prompt_text_len: int) -> CompletionLogProbs:
+    """echo with logprobs: the prompt's tokens (offsets from 0), then the output's (from the prompt's end)."""
+    a, b = to_completion_logprobs(prompt, 0), to_completion_logprobs(output, prompt_text_len)
+    return CompletionLogProbs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
 
 
 def _utf8(text: str) -> List[int]:

@@ -92,7 +92,7 @@ def stop_server(handle: ServerHandle) -> Optional[int]:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Iterator[ServerHandle]:
-    handle = start_server(["--max-total-tokens", "16384", "--chunked-prefill-size", "512"],
+    handle = start_server(["--max-total-tokens", "16384", "--chunked-prefill-size", "512", "--enable-metrics"],
                           tmp_path_factory.mktemp("server"), "default")
     yield handle
     stop_server(handle)

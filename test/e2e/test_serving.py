@@ -142,6 +142,47 @@ def test_openai_sdk(server):
     assert len(comp.choices[0].logprobs.tokens) == comp.usage.completion_tokens // 2
 
 
+def scrape(server) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = requests.get(server.url("/metrics"), timeout=30)
+    r.raise_for_status()
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {s.name: s.value for fam in text_string_to_metric_families(r.text) for s in fam.samples
+            if "le" not in s.labels}
+
+
+def test_metrics_count_what_was_served(server):
+    """--enable-metrics: the counters and histograms move by what these requests did, streamed or not, and a
+    request whose client leaves counts as aborted."""
+    server.wait_idle()
+    before = scrape(server)
+    streamed = stream_generate(server, "Count to ten:", 8)
+    plain = generate(server, {"text": "Name a color.", "sampling_params": {"max_new_tokens": 5, "ignore_eos": True,
+                                                                           **GREEDY}})
+    with requests.post(server.url("/generate"), json={"text": "Tell a long story.", "stream": True, "sampling_params":
+                       {"max_new_tokens": 2000, "ignore_eos": True}}, stream=True, timeout=60) as r:
+        next(r.iter_lines())  # one chunk, then hang up
+    server.wait_idle()
+    after = scrape(server)
+
+    def delta(name):
+        return after[name] - before[name]
+
+    metas = [streamed["meta_info"], plain["meta_info"]]
+    assert delta("sglx:num_requests_total") == 3 and delta("sglx:num_aborted_requests_total") == 1
+    done_tokens = sum(m["completion_tokens"] for m in metas)
+    assert done_tokens == 8 + 5
+    assert delta("sglx:generation_tokens_total") > done_tokens  # plus what the dropped request made
+    assert delta("sglx:prompt_tokens_total") > sum(m["prompt_tokens"] for m in metas)
+    assert delta("sglx:time_to_first_token_seconds_count") == 3
+    assert delta("sglx:e2e_request_latency_seconds_count") == 3
+    assert delta("sglx:inter_token_latency_seconds_count") == delta("sglx:generation_tokens_total") - 3
+    assert 0 < delta("sglx:time_to_first_token_seconds_sum") < delta("sglx:e2e_request_latency_seconds_sum")
+    assert after["sglx:num_running_reqs"] == 0 and after["sglx:num_queue_reqs"] == 0
+    assert after["sglx:token_usage"] == 0 and 0 <= after["sglx:cache_hit_rate"] <= 1
+
+
 def test_info_endpoints(server):
     assert requests.get(server.url("/health"), timeout=10).status_code == 200
     info = requests.get(server.url("/get_model_info"), timeout=10).json()

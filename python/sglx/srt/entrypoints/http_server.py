@@ -18,6 +18,7 @@ from sglx.srt.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from sglx.srt.entrypoints.openai.utils import client_closed_response, models_response
 from sglx.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput, ProfileReq, ProfileReqOutput
 from sglx.srt.managers.tokenizer_manager import ClientDisconnected, TokenizerManager
+from sglx.srt.metrics.collector import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -212,11 +213,10 @@ def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        if not tm.server_args.enable_metrics:
+        if tm.metrics is None:
             return PlainTextResponse("metrics are off; start with --enable-metrics", status_code=404)
         state = await tm.get_internal_state()
-        lines = [f"sglx:{k} {float(v)}" for k, v in state.items() if isinstance(v, (int, float, bool))]
-        return PlainTextResponse("\n".join(lines) + "\n")
+        return Response(tm.metrics.render(state), media_type=METRICS_CONTENT_TYPE)
 
     return app
 

@@ -105,6 +105,7 @@ class DetokenizerManager:
             prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens, cached_tokens=m.cached_tokens,
             output_token_logprobs=m.output_token_logprobs, output_top_logprobs=m.output_top_logprobs,
             input_token_logprobs=m.input_token_logprobs, input_top_logprobs=m.input_top_logprobs,
+            first_token_times=m.first_token_times,
         )
 
     def event_loop(self) -> None:

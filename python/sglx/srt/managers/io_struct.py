@@ -265,6 +265,8 @@ class BatchTokenIDOut:
     # first prompt token's logprob is None), or None when not asked for; and per prompt token its top list.
     input_token_logprobs: List[Optional[List[Tuple[Optional[float], int]]]] = field(default_factory=list)
     input_top_logprobs: List[Optional[List[Optional[List[Tuple[float, int]]]]]] = field(default_factory=list)
+    # Per request: time.monotonic() when its first output token reached the scheduler's host (None before).
+    first_token_times: List[Optional[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -295,3 +297,5 @@ class BatchStrOut:
     # first prompt token's logprob is None), or None when not asked for; and per prompt token its top list.
     input_token_logprobs: List[Optional[List[Tuple[Optional[float], int]]]] = field(default_factory=list)
     input_top_logprobs: List[Optional[List[Optional[List[Tuple[float, int]]]]]] = field(default_factory=list)
+    # Per request: time.monotonic() when its first output token reached the scheduler's host (None before).
+    first_token_times: List[Optional[float]] = field(default_factory=list)

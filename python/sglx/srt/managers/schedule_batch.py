@@ -61,6 +61,9 @@ class Req:
         self.max_seq_len = max_seq_len  # min(context length, KV pool size): a request never outgrows it
 
         self.output_ids: List[int] = []
+        # time.monotonic() when the first output token reached the host (for --enable-metrics' time to first
+        # token; CLOCK_MONOTONIC is one clock for every process of the machine).
+        self.first_token_time: Optional[float] = None
         self.finished_reason: Optional[Dict[str, Any]] = None
         self.to_abort: Optional[str] = None
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -490,6 +491,8 @@ class Scheduler:
     def _append_token(self, i: int, req: Req, out: HostSamplerOutput) -> None:
         tok = out.next_token_ids[i]
         req.output_ids.append(tok)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
         if req.return_logprob and out.next_token_logprobs is not None:
             req.output_token_logprobs.append((out.next_token_logprobs[i], tok))
             if req.top_logprobs_num > 0 and out.top_logprobs_val is not None:
@@ -598,6 +601,7 @@ class Scheduler:
             out.prompt_tokens.append(len(r.origin_input_ids))
             out.completion_tokens.append(len(r.output_ids))
             out.cached_tokens.append(r.cached_tokens)
+            out.first_token_times.append(r.first_token_time)
             out.skip_special_tokens.append(sp.skip_special_tokens)
             out.spaces_between_special_tokens.append(sp.spaces_between_special_tokens)
             out.no_stop_trim.append(sp.no_stop_trim)

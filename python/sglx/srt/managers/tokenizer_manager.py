@@ -16,6 +16,7 @@ import zmq.asyncio
 
 from sglx.srt.hf_transformers_utils import get_tokenizer
 from sglx.srt.managers.detokenizer_manager import DETOKENIZER_ABORT
+from sglx.srt.metrics.collector import TokenizerMetricsCollector
 from sglx.srt.managers.io_struct import (
     AbortReq,
     BatchEmbeddingOut,
@@ -121,6 +122,11 @@ class ReqState:
     want_input_logprobs: bool = False
     input_token_logprobs: List[Any] = field(default_factory=list)
     input_top_logprobs: List[Any] = field(default_factory=list)
+    # time.monotonic() for --enable-metrics (one clock across processes): the request's arrival, its first
+    # token (stamped by the scheduler) and its latest output with tokens.
+    created: float = field(default_factory=time.monotonic)
+    first_token_time: Optional[float] = None
+    last_output_time: Optional[float] = None
 
     @property
     def finished(self) -> bool:
@@ -128,6 +134,8 @@ class ReqState:
 
 
 class TokenizerManager:
+    metrics: Optional[TokenizerMetricsCollector] = None  # --enable-metrics
+
     def __init__(self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: Dict[str, Any]) -> None:
         self.server_args = server_args
         self.served_model_name = server_args.served_model_name
@@ -150,6 +158,8 @@ class TokenizerManager:
         self.pending_control: Deque[asyncio.Future] = deque()
         self._loop_task: Optional[asyncio.Task] = None
         self._token_text_cache: Dict[int, str] = {}
+        self.metrics: Optional[TokenizerMetricsCollector] = (
+            TokenizerMetricsCollector(self.served_model_name) if server_args.enable_metrics else None)
 
     def close(self) -> None:
         """Close the sockets and terminate the zmq context now. Left to the garbage collector, a context
@@ -182,6 +192,8 @@ class TokenizerManager:
                     continue
                 st.text += msg.new_texts[i]
                 st.output_ids.extend(msg.new_output_ids[i])
+                if self.metrics is not None and msg.new_output_ids[i]:
+                    self._observe_output(st, msg, i)
                 st.finished_reason = msg.finished_reasons[i]
                 st.meta = {"prompt_tokens": msg.prompt_tokens[i], "completion_tokens": msg.completion_tokens[i],
                            "cached_tokens": msg.cached_tokens[i]}
@@ -259,6 +271,7 @@ class TokenizerManager:
     async def generate_request(self, obj: GenerateReqInput, request: Any = None) -> AsyncIterator[Any]:
         """See the contract in docs/architecture.md: single requests yield dicts with cumulative text;
         a non-streamed batch yields one list; a streamed batch yields dicts tagged with "index"."""
+        start = time.monotonic()
         self._ensure_loop()
         if self.is_embedding:
             raise ValueError("this server serves an embedding model: use /v1/embeddings or /encode")
@@ -266,7 +279,7 @@ class TokenizerManager:
         watch = DisconnectWatch(request)
         if obj.is_single():
             tokenized = self._tokenize(obj)
-            async for out in self._wait_one(tokenized, obj.return_text_in_logprobs, watch):
+            async for out in self._wait_one(tokenized, obj.return_text_in_logprobs, watch, start):
                 yield out
             return
         n = obj.batch_size()
@@ -275,7 +288,7 @@ class TokenizerManager:
         if isinstance(obj.sampling_params, list) and len(obj.sampling_params) != n:
             raise ValueError("sampling_params list must have one entry per prompt")
         tokenized = [self._tokenize(obj[i]) for i in range(n)]  # validate all before sending any
-        gens = [self._wait_one(t, obj.return_text_in_logprobs, watch) for t in tokenized]
+        gens = [self._wait_one(t, obj.return_text_in_logprobs, watch, start) for t in tokenized]
         if not obj.stream:
             yield await _gather_or_cancel([_last(g) for g in gens])
             return
@@ -283,11 +296,11 @@ class TokenizerManager:
             yield out
 
     async def _wait_one(self, t: TokenizedGenerateReqInput, with_text: bool,
-                        watch: DisconnectWatch) -> AsyncIterator[Dict]:
+                        watch: DisconnectWatch, start: float) -> AsyncIterator[Dict]:
         if t.rid in self.rid_to_state:
             raise ValueError(f"duplicate request id {t.rid}")
         st = ReqState(stream=t.stream, return_logprob=t.return_logprob, top_n=t.top_logprobs_num,
-                      want_input_logprobs=t.logprob_start_len >= 0)
+                      want_input_logprobs=t.logprob_start_len >= 0, created=start)
         self.rid_to_state[t.rid] = st
         self.send_to_scheduler.send_pyobj(t)
         try:
@@ -308,6 +321,29 @@ class TokenizerManager:
             # the scheduler still runs.
             if not st.finished or st.finished_reason.get(DETOKENIZER_ABORT):
                 self.abort_request(t.rid)
+            self._observe_finished(st, len(t.input_ids))
+
+    def _observe_output(self, st: ReqState, msg: BatchStrOut, i: int) -> None:
+        """--enable-metrics: time to first token from the scheduler's stamp (a non-streamed request's only message
+        comes at its end); the tokens after the first spread evenly over the time since the previous output."""
+        now = time.monotonic()
+        new_tokens = len(msg.new_output_ids[i])
+        ttft = None
+        if st.first_token_time is None:
+            stamp = msg.first_token_times[i] if msg.first_token_times else None
+            st.first_token_time = stamp if stamp is not None else now
+            ttft = st.first_token_time - st.created
+            new_tokens -= 1
+        self.metrics.observe_output(ttft, now - (st.last_output_time or st.first_token_time), new_tokens)
+        st.last_output_time = now
+
+    def _observe_finished(self, st: ReqState, prompt_tokens: int) -> None:
+        """--enable-metrics: a request leaves the manager (finished, rejected, aborted or dropped by its client)."""
+        if self.metrics is None:
+            return
+        aborted = not st.finished or st.finished_reason.get("type") == "abort"
+        self.metrics.observe_finished(time.monotonic() - st.created, st.meta.get("prompt_tokens", prompt_tokens),
+                                      len(st.output_ids), st.meta.get("cached_tokens", 0), aborted)
 
     # ------------------------------------------------------------------ embeddings
     def _tokenize_embedding(self, text: Optional[str], ids: Optional[List[int]], rid: str,
@@ -338,6 +374,7 @@ class TokenizerManager:
         are validated before any is sent (a bad one rejects the request whole); then they go in messages of
         about EMBED_MESSAGE_TOKENS tokens, so the scheduler starts on the first while the rest are pickled and
         sent, and batches across them as they queue."""
+        start = time.monotonic()
         self._ensure_loop()
         if not self.is_embedding:
             raise ValueError("this server serves a generation model; start it with --is-embedding for embeddings")
@@ -346,7 +383,7 @@ class TokenizerManager:
         rids = [t.rid for t in tokenized]
         if len(set(rids)) != len(rids) or any(r in self.rid_to_state for r in rids):
             raise ValueError("duplicate request id")
-        states = [ReqState(stream=False) for _ in tokenized]
+        states = [ReqState(stream=False, created=start) for _ in tokenized]
         self.rid_to_state.update(zip(rids, states))
         for part in chunk_by_tokens(tokenized, EMBED_MESSAGE_TOKENS):
             self.send_to_scheduler.send_pyobj(BatchTokenizedEmbeddingReqInput(part))
@@ -354,10 +391,11 @@ class TokenizerManager:
         try:
             outs = [await self._wait_embedding(rid, st, watch) for rid, st in zip(rids, states)]
         finally:
-            for rid, st in zip(rids, states):
+            for rid, st, t in zip(rids, states, tokenized):
                 self.rid_to_state.pop(rid, None)
                 if not st.finished:
                     self.abort_request(rid)
+                self._observe_finished(st, len(t.input_ids))
         return outs[0] if obj.is_single() else outs
 
     async def _wait_embedding(self, rid: str, st: ReqState, watch: DisconnectWatch) -> Dict[str, Any]:

@@ -74,15 +74,28 @@ def make_inputs(num: int, min_len: int, max_len: int, vocab: int, seed: int) -> 
     return random_ids(gen, vocab, lengths)
 
 
+def baseline_backend(mode: str) -> str:
+    """The engine's attention backend for a baseline mode, from the seed_baselines plugin (SGLX_PLUGINS: set here,
+    so the Engine's spawned processes, which get this process's environment and sys.path, load it too)."""
+    plugins = [n for n in os.environ.get("SGLX_PLUGINS", "").split(",") if n]
+    if "seed_baselines" not in plugins:
+        os.environ["SGLX_PLUGINS"] = ",".join(plugins + ["seed_baselines"])
+    from seed_baselines import POOL_READ_BACKEND, PRE_SEEDS_BACKEND
+
+    return POOL_READ_BACKEND if mode == POOL_READ else PRE_SEEDS_BACKEND
+
+
 def mode_server_args(args: argparse.Namespace, mode: str, schedule: str = "overlap") -> ServerArgs:
     extra = {k: v for k, v in (("max_prefill_tokens", args.max_prefill_tokens),
                                ("max_total_tokens", args.max_total_tokens),
                                ("context_length", args.context_length),
                                ("mem_fraction_static", args.mem_fraction_static)) if v is not None}
+    baseline = mode in (POOL_READ, PRE_SEEDS)
     return ServerArgs(
         model_path=args.model_path, tokenizer_path=args.tokenizer_path, load_format=args.load_format,
-        dtype=args.dtype, device=args.device, attention_backend=args.attention_backend, is_embedding=True,
-        disable_radix_cache=True, chunked_prefill_size=-1, disable_embedding_skip_kv_cache=(mode == "cache"),
+        dtype=args.dtype, device=args.device, is_embedding=True,
+        attention_backend=baseline_backend(mode) if baseline else args.attention_backend,
+        disable_radix_cache=True, chunked_prefill_size=-1, disable_embedding_skip_kv_cache=mode != "skip",
         random_seed=args.seed, log_level=args.log_level, disable_overlap_schedule=schedule == "sync",
         quantization=args.quantization, **extra,
     )
@@ -449,7 +462,7 @@ def print_table(records: List[Dict[str, Any]], cosine: Optional[float], checked:
             print(f"{r['part']} {r['mode']}: {r.get('error') or r.get('warning')}")
     if cosine is not None:
         verdict = "OK" if cosine >= COSINE_GOAL else "MISMATCH"
-        print(f"embeddings skip vs cache: min cosine {cosine:.6f} over {checked} items ({verdict}, goal >= "
+        print(f"embeddings skip vs the other modes: min cosine {cosine:.6f} over {checked} items ({verdict}, goal >= "
               f"{COSINE_GOAL})")
 
 
@@ -465,7 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=int, default=None)
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--mem-fraction-static", type=float, default=None)
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=MODES + (POOL_READ, PRE_SEEDS), default=list(MODES),
+                   help=f"the Engines timed (and searched for their largest batch: skip and cache only); {POOL_READ} "
+                        f"and {PRE_SEEDS} serve through the fa3 backends of benchmark/seed_baselines.py (the "
+                        "seeds' baselines, as --forward-modes describes)")
     add_schedule_arg(p)
     p.add_argument("--warmup-inputs", type=int, default=16, help="inputs encoded (untimed) before timing")
     p.add_argument("--repeats", type=int, default=1, help="timed encodes of all inputs per Engine (median)")
@@ -507,7 +523,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     kept: Dict[str, torch.Tensor] = {}
     parts = [] if args.skip_encode else [("encode", m, sched) for sched in args.schedule for m in args.modes]
     parts += [("forwards", m, "overlap") for m in (args.forward_modes or args.modes)] if args.forwards else []
-    parts += [] if args.skip_largest_batch else [("largest_batch", m, "overlap") for m in args.modes]
+    parts += [] if args.skip_largest_batch else [("largest_batch", m, "overlap") for m in args.modes if m in MODES]
     for part, mode, sched in parts:  # every engine is gone before the in-process runners take the card
         print(f"== {part} [{mode}{'/sync' if sched == 'sync' else ''}]", flush=True)
         try:
@@ -524,10 +540,12 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         rec = {**common, **rec}
         records.append(rec)
         append_jsonl(args.result_file, rec)
-    cosine = min_cosine(kept["skip"], kept["cache"]) if len(kept) == 2 and keep else None
-    if cosine is not None:
-        rec = {**common, "part": "agreement", "mode": "skip_vs_cache", "min_cosine": cosine,
-               "checked_items": len(keep), "indices": keep, "ok": cosine >= COSINE_GOAL}
+    cosine = None
+    for mode in [m for m in kept if m != "skip"] if "skip" in kept and keep else []:
+        c = min_cosine(kept["skip"], kept[mode])
+        cosine = c if cosine is None else min(cosine, c)
+        rec = {**common, "part": "agreement", "mode": f"skip_vs_{mode}", "min_cosine": c,
+               "checked_items": len(keep), "indices": keep, "ok": c >= COSINE_GOAL}
         records.append(rec)
         append_jsonl(args.result_file, rec)
     print_table(records, cosine, len(keep))

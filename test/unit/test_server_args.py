@@ -136,3 +136,26 @@ def test_a_port_in_use_fails_before_anything_loads():
     sock = bind_http_socket("127.0.0.1", port)  # free again: bound, and uvicorn listens on it
     assert sock.getsockname()[1] == port
     sock.close()
+
+
+def test_plugins_register_backends_that_the_launcher_accepts(tmp_path, monkeypatch):
+    """SGLX_PLUGINS modules are imported where backend names are read, so a plugin's backend passes the
+    parse-time check and is built by name; a module that cannot be imported fails with its name."""
+    from sglx.srt.layers.attention import registry
+
+    (tmp_path / "my_sglx_plugin.py").write_text(
+        "from sglx.srt.layers.attention.registry import ATTENTION_BACKENDS, register_attention_backend\n"
+        "@register_attention_backend('my_backend')\n"
+        "def make(runner):\n"
+        "    return ('built for', runner)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "ATTENTION_BACKENDS", dict(registry.ATTENTION_BACKENDS))
+    with pytest.raises(ValueError, match="my_backend"):
+        ServerArgs(device="cpu", attention_backend="my_backend")
+    monkeypatch.setenv("SGLX_PLUGINS", " my_sglx_plugin ,")
+    assert "my_backend" in registry.attention_backend_names()
+    assert ServerArgs(device="cpu", attention_backend="my_backend").attention_backend == "my_backend"
+    assert registry.create_attention_backend("my_backend", "runner") == ("built for", "runner")
+    monkeypatch.setenv("SGLX_PLUGINS", "no_such_sglx_plugin")
+    with pytest.raises(ImportError, match="no_such_sglx_plugin"):
+        registry.attention_backend_names()

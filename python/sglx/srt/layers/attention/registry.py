@@ -1,7 +1,14 @@
-"""Attention backends by name (--attention-backend and friends)."""
+"""Attention backends by name (--attention-backend and friends).
+
+Outside code adds backends through plugins: SGLX_PLUGINS names modules (comma-separated, importable in every
+process: the launcher checks names at parse time, the scheduler builds the backend) that register their own with
+`register_attention_backend`, as vLLM's general plugins do.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import Any, Callable, Dict
 
 from sglx.srt.layers.attention.base_attn_backend import AttentionBackend, HybridAttnBackend
@@ -25,8 +32,18 @@ def _load_builtin() -> None:
     from sglx.srt.layers.attention import flashinfer_backend  # noqa: F401  (flashinfer and fa3; lazy imports)
 
 
+def load_plugins() -> None:
+    """Import the modules SGLX_PLUGINS names (once each; Python caches the import)."""
+    for name in filter(None, (n.strip() for n in os.environ.get("SGLX_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(f"SGLX_PLUGINS: cannot import plugin module {name!r}: {e}") from e
+
+
 def attention_backend_names() -> list:
     _load_builtin()
+    load_plugins()
     return sorted(ATTENTION_BACKENDS)
 
 

@@ -585,7 +585,7 @@ class Scheduler:
         if self.is_embedding:
             self.stream_embedding_output(reqs)
             return
-        out = BatchTokenIDOut([], [], [], [], [], [], [], [], [], [])  # (the logprob lists start empty too)
+        out = BatchTokenIDOut([], [], [], [], [], [], [], [], [], [])
         for r in reqs:
             if r is self.chunked_req and not r.finished():
                 continue

@@ -16,7 +16,6 @@ import zmq.asyncio
 
 from sglx.srt.hf_transformers_utils import get_tokenizer
 from sglx.srt.managers.detokenizer_manager import DETOKENIZER_ABORT
-from sglx.srt.metrics.collector import TokenizerMetricsCollector
 from sglx.srt.managers.io_struct import (
     AbortReq,
     BatchEmbeddingOut,
@@ -36,6 +35,7 @@ from sglx.srt.managers.io_struct import (
     is_int_list,
     new_rid,
 )
+from sglx.srt.metrics.collector import TokenizerMetricsCollector
 from sglx.srt.sampling.sampling_params import SamplingParams
 from sglx.srt.server_args import ServerArgs
 from sglx.srt.utils import PortArgs, get_zmq_socket

@@ -8,7 +8,7 @@ managers/scheduler.py); `host()` blocks on this step's event only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -90,3 +90,7 @@ class GenerationBatchResult:
                 self._host.top_logprobs_val, self._host.top_logprobs_idx = top_logprobs_to_lists(
                     top_val, top_idx, self.top_logprobs_nums)
         return self._host
+
+
+# What Scheduler.launch_batch hands back: a generation or an embedding step.
+BatchResult = Union[GenerationBatchResult, EmbeddingBatchResult]

@@ -16,8 +16,8 @@ import torch
 from benchmark.engine_utils import synthetic_tokenizer
 
 from sglx.srt.managers.io_struct import TokenizedGenerateReqInput
-from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
 from sglx.srt.sampling.sampling_params import SamplingParams
+from sglx.test.runner_utils import PlacedRequests
 from sglx.test.scheduler_utils import TINY_LLAMA, make_scheduler
 
 LLAMA = {**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
@@ -36,23 +36,12 @@ def prefix_reference(s, prompt: List[int], group: int = 8) -> torch.Tensor:
 
 
 def last_logits(runner, seqs: List[List[int]]) -> torch.Tensor:
-    """One extend of `seqs`, each a fresh request (own row and slots, freed afterwards)."""
-    rows = [runner.req_to_token_pool.alloc() for _ in seqs]
-    n = sum(map(len, seqs))
-    loc = runner.token_to_kv_pool_allocator.alloc_extend([0] * len(seqs), [len(x) for x in seqs], [-1] * len(seqs), n)
-    off = 0
-    for row, x in zip(rows, seqs):
-        runner.req_to_token_pool.write(row, 0, loc[off : off + len(x)])
-        off += len(x)
-    b = ModelWorkerBatch(ForwardMode.EXTEND, [t for x in seqs for t in x], rows, [len(x) for x in seqs],
-                         [0] * len(seqs), loc)
-    logits = runner.forward(b).next_token_logits
-    off = 0
-    for row, x in zip(rows, seqs):
-        runner.token_to_kv_pool_allocator.free(loc[off : off + len(x)])
-        runner.req_to_token_pool.free(row)
-        off += len(x)
-    return logits
+    """One extend of `seqs`, each a fresh request (own row and slots, released afterwards)."""
+    placed = PlacedRequests(runner, [len(x) for x in seqs], vocab_size=0, room=0, prompts=seqs)
+    try:
+        return placed.prefill()
+    finally:
+        placed.release()
 
 
 @pytest.mark.parametrize("backend", [None, "triton", "flashinfer"])

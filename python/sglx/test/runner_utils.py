@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -12,9 +12,11 @@ from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
 class PlacedRequests:
     """Rows and whole pages for each prompt plus `room` decode tokens (so decode slots are already in the
     row, as the paged allocator would place them); `prefill()` runs the prompts, `decode_batch(which)`
-    advances the chosen requests by one token."""
+    advances the chosen requests by one token; `release()` gives the rows and slots back. `prompts`: these
+    token ids instead of random ones of `prompt_lens`."""
 
-    def __init__(self, runner, prompt_lens: Sequence[int], vocab_size: int, room: int = 64, seed: int = 0) -> None:
+    def __init__(self, runner, prompt_lens: Sequence[int], vocab_size: int, room: int = 64, seed: int = 0,
+                 prompts: Optional[Sequence[Sequence[int]]] = None) -> None:
         self.runner = runner
         self.rows: List[int] = []
         self.lens: List[int] = []
@@ -23,14 +25,21 @@ class PlacedRequests:
         ps = runner.page_size
         self.prompts: List[List[int]] = []
         self.slots: List[torch.Tensor] = []
-        for n in prompt_lens:
+        for k, n in enumerate(prompt_lens):
             row = runner.req_to_token_pool.alloc()
             slots = runner.token_to_kv_pool_allocator.alloc(-(-(n + room) // ps) * ps)
             runner.req_to_token_pool.write(row, 0, slots)
             self.rows.append(row)
             self.lens.append(n)
             self.slots.append(slots)
-            self.prompts.append(torch.randint(0, vocab_size, (n,), generator=gen).tolist())
+            self.prompts.append(list(prompts[k]) if prompts is not None
+                                else torch.randint(0, vocab_size, (n,), generator=gen).tolist())
+
+    def release(self) -> None:
+        for row, slots in zip(self.rows, self.slots):
+            self.runner.token_to_kv_pool_allocator.free(slots)
+            self.runner.req_to_token_pool.free(row)
+        self.rows, self.slots = [], []
 
     def prefill_batch(self) -> ModelWorkerBatch:
         ids = [t for p in self.prompts for t in p]

@@ -285,8 +285,6 @@ class TokenizerManager:
         n = obj.batch_size()
         if n == 0:
             raise ValueError("the batch is empty")
-        if isinstance(obj.sampling_params, list) and len(obj.sampling_params) != n:
-            raise ValueError("sampling_params list must have one entry per prompt")
         tokenized = [self._tokenize(obj[i]) for i in range(n)]  # validate all before sending any
         gens = [self._wait_one(t, obj.return_text_in_logprobs, watch, start) for t in tokenized]
         if not obj.stream:

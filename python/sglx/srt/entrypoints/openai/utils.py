@@ -119,28 +119,25 @@ def _unpack(entry: Sequence[Any], tokenizer: Any) -> Tuple[int, float, str]:
     return tid, _finite(lp), text
 
 
-def logprobs_since(meta: Dict[str, Any], start: int, tokenizer: Any) -> List[TokenLogprob]:
-    """The output tokens' logprobs from index `start` on (the manager's lists are cumulative)."""
-    chosen = meta.get("output_token_logprobs") or []
-    tops = meta.get("output_top_logprobs") or []
+def _token_logprobs(chosen: Sequence[Any], tops: Sequence[Any], start: int, tokenizer: Any) -> List[TokenLogprob]:
     out: List[TokenLogprob] = []
     for i in range(start, len(chosen)):
         tid, lp, text = _unpack(chosen[i], tokenizer)
         top_i = tops[i] if i < len(tops) and tops[i] else []
-        out.append(TokenLogprob(tid, lp, text, [_unpack(t, tokenizer) for t in top_i]))
+        # A prompt's first token has no logprob: it stays None (JSON null), not the floor.
+        out.append(TokenLogprob(tid, None if chosen[i][0] is None else lp, text, [_unpack(t, tokenizer) for t in top_i]))
     return out
+
+
+def logprobs_since(meta: Dict[str, Any], start: int, tokenizer: Any) -> List[TokenLogprob]:
+    """The output tokens' logprobs from index `start` on (the manager's lists are cumulative)."""
+    return _token_logprobs(meta.get("output_token_logprobs") or [], meta.get("output_top_logprobs") or [], start,
+                           tokenizer)
 
 
 def prompt_logprobs(meta: Dict[str, Any], tokenizer: Any) -> List[TokenLogprob]:
     """The prompt tokens' logprobs (the manager's input_token_logprobs, asked for with logprob_start_len)."""
-    chosen = meta.get("input_token_logprobs") or []
-    tops = meta.get("input_top_logprobs") or []
-    out: List[TokenLogprob] = []
-    for i, entry in enumerate(chosen):
-        tid, lp, text = _unpack(entry, tokenizer)
-        top_i = tops[i] if i < len(tops) and tops[i] else []
-        out.append(TokenLogprob(tid, None if entry[0] is None else lp, text, [_unpack(t, tokenizer) for t in top_i]))
-    return out
+    return _token_logprobs(meta.get("input_token_logprobs") or [], meta.get("input_top_logprobs") or [], 0, tokenizer)
 
 
 def to_completion_logprobs(entries: Sequence[TokenLogprob], text_offset: int) -> CompletionLogProbs:

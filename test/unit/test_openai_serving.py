@@ -453,7 +453,10 @@ def test_bad_json_400(base_url, fake_tm, path, body):
     ("/v1/completions", {"prompt": []}, "empty"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
-    ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "json_object"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "yaml"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_schema"}}, "json_schema.schema"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}, "regex": "a"}, "only one"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "regex": "a", "ebnf": "root ::= \"a\""}, "only one"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "image_url"),
     ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "logprobs"),
@@ -463,6 +466,24 @@ def test_bad_request_400(base_url, fake_tm, path, body, needle):
     assert r.status_code == 400, r.text
     assert r.json()["type"] == "BadRequestError" and needle in r.json()["message"]
     assert fake_tm.received == []
+
+
+@pytest.mark.parametrize("path,extra,want", [
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, {"json_schema": '{"type": "object"}'}),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "p", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}},
+     {"json_schema": '{"type": "object", "properties": {"a": {"type": "integer"}}}'}),
+    ("/v1/chat/completions", {"response_format": {"type": "text"}, "regex": "[0-9]+"}, {"regex": "[0-9]+"}),
+    ("/v1/completions", {"ebnf": 'root ::= "a"'}, {"ebnf": 'root ::= "a"'}),
+    ("/v1/completions", {"json_schema": '{"type": "string"}'}, {"json_schema": '{"type": "string"}'}),
+    ("/v1/completions", {}, {}),
+])
+def test_structured_output_reaches_the_sampling_params(base_url, fake_tm, path, extra, want):
+    body = {"messages": MESSAGES} if "chat" in path else {"prompt": "x"}
+    r = requests.post(base_url + path, json={**body, "max_tokens": 3, **extra})
+    assert r.status_code == 200, r.text
+    sp = fake_tm.received[0].sampling_params
+    assert {k: sp[k] for k in ("json_schema", "regex", "ebnf") if k in sp} == want
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -114,6 +114,10 @@ class ServerArgs:
     sampling_backend: Optional[str] = None
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
+    # Structured output (json_schema / regex / ebnf): the grammar backend, or "none" to refuse constraints.
+    grammar_backend: str = "xgrammar"
+    # JSON schemas: no free whitespace between tokens (compact JSON; small models can loop on whitespace).
+    constrained_json_disable_any_whitespace: bool = False
     # Form and launch the next decode step before the current one's tokens reach the host (scheduler.py).
     disable_overlap_schedule: bool = False
     # Parallelism
@@ -185,6 +189,11 @@ class ServerArgs:
         if self.sampling_backend == "flashinfer" and not self.device.startswith("cuda"):
             raise ValueError(f"--sampling-backend flashinfer needs a CUDA GPU (--device is {self.device}); "
                              "use --sampling-backend pytorch")
+        from sglx.srt.constrained.base_grammar_backend import grammar_backend_names
+
+        if self.grammar_backend not in grammar_backend_names():
+            raise ValueError(f"--grammar-backend must be one of {', '.join(grammar_backend_names())}; "
+                             f"got {self.grammar_backend}")
         from sglx.srt.configs.model_config import _DTYPE_NAMES, KV_DTYPES, check_dtype_name
         from sglx.srt.layers.attention.registry import attention_backend_names
 

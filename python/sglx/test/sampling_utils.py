@@ -7,7 +7,7 @@ distribution written independently of sampler.py's sorted-mask code, for statist
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Set
+from typing import Any, List, Set
 
 import torch
 
@@ -20,6 +20,7 @@ class FakeReq:
     origin_input_ids: List[int] = field(default_factory=list)
     output_ids: List[int] = field(default_factory=list)
     eos_token_ids: Set[int] = field(default_factory=set)
+    grammar: Any = None
 
 
 def params(**kw) -> SamplingParams:

@@ -21,6 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from sglx.srt.constrained.base_grammar_backend import apply_vocab_mask
 from sglx.srt.layers import flashinfer_sampling
 from sglx.srt.sampling.sampling_batch_info import SamplingBatchInfo
 from sglx.srt.server_args import SAMPLING_BACKENDS
@@ -96,7 +97,8 @@ class Sampler(nn.Module):
 
 
 def apply_logits_processing(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
-    """Logit bias, min-new-tokens stop masking and penalties, in that order; never writes into `logits`."""
+    """Logit bias, min-new-tokens stop masking, penalties, then the grammars' token masks, in that order; never
+    writes into `logits`."""
     out = logits
     if info.logit_bias is not None:
         out = out + info.logit_bias
@@ -116,6 +118,9 @@ def apply_logits_processing(logits: torch.Tensor, info: SamplingBatchInfo) -> to
         # A repetition penalty that rounds to 0 in float32 divides positive logits into inf, softmax turns the
         # row into NaN, and a NaN row samples token 0 whatever the model says. Capped, the boosted tokens win.
         out = torch.nan_to_num(out, nan=float("-inf"), posinf=LOGIT_LIMIT, neginf=float("-inf"))
+    if info.vocab_mask is not None:
+        rows = info.vocab_mask_rows
+        out = out.index_copy(0, rows, apply_vocab_mask(out.index_select(0, rows), info.vocab_mask))
     return out
 
 

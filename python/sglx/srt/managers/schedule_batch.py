@@ -66,6 +66,8 @@ class Req:
         self.first_token_time: Optional[float] = None
         self.finished_reason: Optional[Dict[str, Any]] = None
         self.to_abort: Optional[str] = None
+        # Structured output: this request's grammar state (a BaseGrammarObject), set once it is compiled.
+        self.grammar: Any = None
 
         # KV state
         self.req_pool_idx: Optional[int] = None
@@ -162,6 +164,10 @@ class Req:
         if n_out == 0:
             return
         last = self.output_ids[-1]
+        if self.grammar is not None and self.grammar.is_terminated():
+            # The grammar is complete and took a stop token (even with ignore_eos: nothing more may follow).
+            self.finished_reason = finish_stop(last)
+            return
         if n_out >= sp.min_new_tokens:
             if sp.stop_token_ids and last in sp.stop_token_ids:
                 self.finished_reason = finish_stop(last)

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import zmq
 
 from sglx.srt.configs.model_config import ModelConfig
+from sglx.srt.constrained.base_grammar_backend import create_grammar_backend, grammar_key
 from sglx.srt.hf_transformers_utils import get_eos_token_ids, get_tokenizer
 from sglx.srt.managers.io_struct import (
     AbortReq,
@@ -50,6 +51,7 @@ from sglx.srt.managers.schedule_batch import (
     decode_tokens_needed,
     finish_abort,
 )
+from sglx.srt.managers.grammar_manager import GrammarManager
 from sglx.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy, reserved_decode_tokens
 from sglx.srt.managers.scheduler_output_processor import SchedulerOutputProcessorMixin
 from sglx.srt.managers.scheduler_profiler import SchedulerProfiler
@@ -67,6 +69,8 @@ logger = logging.getLogger(__name__)
 INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
 NEW_TOKEN_RATIO_DECAY = 0.001
+# How long an otherwise idle step waits for a grammar to compile before it looks at the socket again.
+GRAMMAR_POLL_S = 0.05
 
 
 DEFAULT_MAX_PREFILL_TOKENS = 16384  # SGLang's default
@@ -144,6 +148,10 @@ class Scheduler(SchedulerOutputProcessorMixin):
         self.enable_overlap = not server_args.disable_overlap_schedule
         self.inflight: Optional[Tuple[ScheduleBatch, BatchResult]] = None
         self.profiler = SchedulerProfiler(self.runner.device)
+        # Structured output: constrained requests wait here while their grammar compiles (grammar_manager.py).
+        self.grammar_manager: Optional[GrammarManager] = None if self.is_embedding else GrammarManager(
+            lambda: create_grammar_backend(server_args.grammar_backend, self.tokenizer, self.model_config.vocab_size,
+                                           self.eos_token_ids, server_args))
 
         if port_args is not None:
             ctx = zmq.Context(2)
@@ -195,6 +203,7 @@ class Scheduler(SchedulerOutputProcessorMixin):
             "num_running_reqs": len(self.running_reqs),
             "num_waiting_reqs": len(self.waiting_queue),
             "num_retracted_reqs": self.num_retracted,
+            "num_grammar_queue_reqs": self.grammar_manager.pending if self.grammar_manager else 0,
             "num_aborted_reqs": self.num_aborted,
             "is_idle": idle,
             # The invariant: idle => every KV slot is free or held (unlocked) by the prefix cache.
@@ -207,7 +216,11 @@ class Scheduler(SchedulerOutputProcessorMixin):
         }
 
     def is_idle(self) -> bool:
-        """Nothing waits, runs or is in flight (an overlapped step's results not processed yet)."""
+        """Nothing waits (for memory or a grammar), runs or is in flight (an overlapped step's results not
+        processed yet)."""
+        return self.nothing_to_run() and not (self.grammar_manager and self.grammar_manager.pending)
+
+    def nothing_to_run(self) -> bool:
         return (not self.running_reqs and not self.waiting_queue and self.chunked_req is None
                 and self.inflight is None)
 
@@ -222,16 +235,17 @@ class Scheduler(SchedulerOutputProcessorMixin):
 
     def step(self) -> bool:
         """One scheduling step: run (or, overlapped, launch) the next batch. False if nothing happened."""
+        polled = self.poll_grammar_queue()
         if not self.enable_overlap:
             batch = self.next_batch()
             if batch is not None:
                 self.run_batch(batch)
-            return batch is not None
-        prev = self.inflight
+            return batch is not None or polled
+        prev, progressed = self.inflight, polled
         if prev is not None and not self.can_overlap(prev[0]):
             self.inflight = None
             self.process_batch_result(*prev)
-            prev = None
+            prev, progressed = None, True
         batch = self.next_batch()  # (sees self.inflight: its rows are still held)
         launched = None
         if batch is not None:  # every request of an overlapped decode batch has one token on the device
@@ -240,7 +254,20 @@ class Scheduler(SchedulerOutputProcessorMixin):
         self.inflight = launched
         if prev is not None:  # while `batch` runs
             self.process_batch_result(*prev)
-        return batch is not None or prev is not None
+        return batch is not None or prev is not None or progressed
+
+    def poll_grammar_queue(self) -> bool:
+        """Queue the requests whose grammar is compiled; answer those whose constraint failed to compile (a
+        400). With nothing else to do, wait a little for the oldest compile rather than spin. True if any
+        request left the grammar queue."""
+        gm = self.grammar_manager
+        if gm is None or not gm.pending:
+            return False
+        ready, failed = gm.take_ready(timeout=GRAMMAR_POLL_S if self.nothing_to_run() else 0.0)
+        self.waiting_queue.extend(ready)
+        if failed:
+            self.stream_output(failed)
+        return bool(ready or failed)
 
     def next_batch(self) -> Optional[ScheduleBatch]:
         with self.profiler.annotate("sglx::get_next_batch"):
@@ -254,8 +281,8 @@ class Scheduler(SchedulerOutputProcessorMixin):
             return self.chunked_req is None
         if not prev.forward_mode.is_decode() or self.waiting_queue or self.chunked_req is not None:
             return False
-        if any(r.sampling_params.uses_penalties for r in self.running_reqs):
-            return False
+        if any(r.sampling_params.uses_penalties or r.grammar is not None for r in self.running_reqs):
+            return False  # their next step's sampling needs this step's tokens on the host
         # No retraction: the running requests' next KV slots are free or evictable.
         return decode_tokens_needed(self.running_reqs, self.page_size) <= self.ctx.available_tokens()
 
@@ -321,6 +348,10 @@ class Scheduler(SchedulerOutputProcessorMixin):
                 sp.max_new_tokens if sp.max_new_tokens is not None else 1 << 30,
                 self.max_req_len - len(req.origin_input_ids),
             )
+        key = grammar_key(sp)
+        if key is not None:
+            self.grammar_manager.submit(req, key)  # queued once its grammar is compiled (poll_grammar_queue)
+            return
         self.waiting_queue.append(req)
 
     def handle_embedding_request(self, m: TokenizedEmbeddingReqInput) -> None:
@@ -341,6 +372,11 @@ class Scheduler(SchedulerOutputProcessorMixin):
         self.waiting_queue.append(req)
 
     def abort_request(self, m: AbortReq) -> None:
+        if self.grammar_manager is not None:
+            gone = self.grammar_manager.abort(m.rid, m.abort_all)
+            self.num_aborted += len(gone)
+            if gone:
+                self.stream_output(gone)
         for r in list(self.waiting_queue):
             if m.abort_all or r.rid == m.rid:
                 self.waiting_queue.remove(r)

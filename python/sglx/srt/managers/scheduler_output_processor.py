@@ -32,6 +32,9 @@ class SchedulerOutputProcessorMixin:
     def _append_token(self, i: int, req: Req, out: HostSamplerOutput) -> None:
         tok = out.next_token_ids[i]
         req.output_ids.append(tok)
+        if req.grammar is not None and not req.grammar.accept_token(tok):
+            # Only a grammar with no allowed token left gets here (its mask allowed nothing, so argmax chose).
+            req.to_abort = f"the grammar allows no continuation of the output (token {tok})"
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         if req.return_logprob and out.next_token_logprobs is not None:

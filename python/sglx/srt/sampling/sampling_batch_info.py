@@ -14,11 +14,14 @@ from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
 
+from sglx.srt.constrained.base_grammar_backend import allocate_vocab_mask
+
 # Seeds are folded into 63 bits so every user seed (negative or huge python ints included) maps to a
 # non-negative int64 and -1 stays free as the "unseeded" marker.
 _SEED_MASK = (1 << 63) - 1
 # Fields that are not [bs, ...] tensors (seeded_rows indexes rows rather than being one entry per row).
-_HOST_FIELDS = frozenset({"is_all_greedy", "need_top_p", "need_top_k", "need_min_p", "vocab_size", "seeded_rows"})
+_HOST_FIELDS = frozenset({"is_all_greedy", "need_top_p", "need_top_k", "need_min_p", "vocab_size", "seeded_rows",
+                          "vocab_mask", "vocab_mask_rows"})
 
 
 @dataclass
@@ -44,6 +47,10 @@ class SamplingBatchInfo:
     vocab_size: int
     # Row indices (int64) of seeded requests, so the sampler hashes only those rows without a device sync.
     seeded_rows: Optional[torch.Tensor] = None
+    # Structured output: the tokens each constrained row may take next, as a bitmask [n, ceil(vocab / 32)]
+    # int32 (constrained/base_grammar_backend.py), for the rows vocab_mask_rows [n] int64 names.
+    vocab_mask: Optional[torch.Tensor] = None
+    vocab_mask_rows: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -63,6 +70,7 @@ class SamplingBatchInfo:
             self,
             **{name: None if t is None else t.index_select(0, rows) for name, t in per_row.items()},
             seeded_rows=torch.arange(rows.numel(), dtype=torch.int64, device=rows.device),
+            vocab_mask=None, vocab_mask_rows=None,  # (applied to the whole batch's logits already)
         )
 
     @classmethod
@@ -88,6 +96,8 @@ class SamplingBatchInfo:
 
         if inflight_tokens and any(sp.uses_penalties for sp in sps):
             raise ValueError("penalties need every output id on the host: run this step without overlap")
+        if inflight_tokens and any(r.grammar is not None for r in reqs):
+            raise ValueError("a grammar needs every output id on the host: run this step without overlap")
         freq = [sp.frequency_penalty for sp in sps]
         pres = [sp.presence_penalty for sp in sps]
         rep = [sp.repetition_penalty for sp in sps]
@@ -119,6 +129,7 @@ class SamplingBatchInfo:
             logit_bias=_logit_bias(sps, vocab_size, device),
             vocab_size=vocab_size,
             seeded_rows=i64([i for i, s in enumerate(seed_list) if s >= 0]) if any_seeded else None,
+            **_vocab_mask(reqs, vocab_size, device),
         )
 
 
@@ -169,6 +180,20 @@ def _min_new_tokens_mask(reqs: Sequence[Any], vocab_size: int, device: torch.dev
     if not any(rows):
         return None
     return _token_mask(rows, vocab_size, device)
+
+
+def _vocab_mask(reqs: Sequence[Any], vocab_size: int, device: torch.device) -> dict:
+    """The next-token bitmasks of the requests with a grammar (filled on the host: the grammar state is there)."""
+    rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+    if not rows:
+        return {}
+    mask = allocate_vocab_mask(len(rows), vocab_size)
+    for j, i in enumerate(rows):
+        reqs[i].grammar.fill_vocab_mask(mask, j)
+    if device.type == "cuda":
+        mask = mask.pin_memory()
+    return {"vocab_mask": mask.to(device, non_blocking=True),
+            "vocab_mask_rows": torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)}
 
 
 def _logit_bias(sps: Sequence[Any], vocab_size: int, device: torch.device) -> Optional[torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -34,6 +36,11 @@ class SamplingParams:
     n: int = 1
     sampling_seed: Optional[int] = None
     logit_bias: Optional[Dict[str, float]] = None
+    # Structured output (at most one): the output must match this JSON schema (a JSON string), regular
+    # expression or EBNF grammar (constrained/base_grammar_backend.py).
+    json_schema: Optional[str] = None
+    regex: Optional[str] = None
+    ebnf: Optional[str] = None
     # Derived in normalize()
     stop_strs: List[str] = field(default_factory=list)
     stop_str_max_len: int = 0
@@ -131,6 +138,26 @@ class SamplingParams:
                     raise SamplingParamsError(f"logit_bias values must be in [-100, 100], got {v} for {k!r}")
                 if vocab_size is not None and not 0 <= tid < vocab_size:
                     raise SamplingParamsError(f"logit_bias token id {tid} is out of [0, {vocab_size})")
+
+        self._verify_constraint()
+
+    def _verify_constraint(self) -> None:
+        given = [f for f in ("json_schema", "regex", "ebnf") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise SamplingParamsError(f"only one of json_schema, regex and ebnf may be given, got {given}")
+        for f in given:
+            spec = getattr(self, f)
+            if not isinstance(spec, str) or not spec.strip():
+                raise SamplingParamsError(f"{f} must be a non-empty string")
+        if self.json_schema is not None:
+            try:
+                json.loads(self.json_schema)
+            except ValueError as e:
+                raise SamplingParamsError(f"json_schema is not valid JSON: {e}") from None
+
+    @property
+    def has_constraint(self) -> bool:
+        return self.json_schema is not None or self.regex is not None or self.ebnf is not None
 
     def normalize(self) -> None:
         """Resolve derived fields; call after verify()."""

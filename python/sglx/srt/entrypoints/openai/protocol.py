@@ -48,6 +48,24 @@ class ErrorResponse(BaseModel):
     code: int
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema: the schema itself is under `schema`."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[Dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[SBool] = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
 class _SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -75,6 +93,11 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: Optional[SBool] = None
     spaces_between_special_tokens: Optional[SBool] = None
     no_stop_trim: Optional[SBool] = None
+    # Structured output: OpenAI's response_format, or SGLang's json_schema / regex / ebnf (at most one).
+    response_format: Optional[ResponseFormat] = None
+    json_schema: Optional[str] = None
+    regex: Optional[str] = None
+    ebnf: Optional[str] = None
 
     @property
     def num_choices(self) -> int:
@@ -158,19 +181,12 @@ class ChatMessage(BaseModel):
     tool_calls: Optional[List[Dict[str, Any]]] = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-
-
 class ChatCompletionRequest(_SamplingRequest):
     messages: List[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[SInt] = Field(default=None, ge=0)
     max_completion_tokens: Optional[SInt] = Field(default=None, ge=0)
     logprobs: Optional[SBool] = False
     top_logprobs: Optional[SInt] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: Optional[ResponseFormat] = None
     # Accepted so that agent clients do not fail; no tool-call parsing is done.
     tools: Optional[List[Dict[str, Any]]] = None
     tool_choice: Optional[Union[str, Dict[str, Any]]] = None

@@ -47,6 +47,29 @@ logger = logging.getLogger(__name__)
 Prompt = Union[str, List[int]]
 
 # Request fields passed to the scheduler unchanged (same name on both sides).
+def constraint_params(req: _SamplingRequest) -> Dict[str, str]:
+    """The sampling param that constrains the output: OpenAI's response_format (json_object: any JSON object,
+    as SGLang does; json_schema: its schema) or SGLang's own json_schema / regex / ebnf. At most one."""
+    given: Dict[str, str] = {}
+    names = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        names.append("response_format")
+        if fmt.type == "json_object":
+            given["json_schema"] = '{"type": "object"}'
+        elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        else:
+            given["json_schema"] = json.dumps(fmt.json_schema.schema_)
+    for field in ("json_schema", "regex", "ebnf"):
+        if getattr(req, field) is not None:
+            names.append(field)
+            given[field] = getattr(req, field)
+    if len(names) > 1:
+        raise ValueError(f"only one of response_format, json_schema, regex and ebnf may be given, got {names}")
+    return given
+
+
 _PASSTHROUGH_SAMPLING = (
     "temperature",
     "top_p",
@@ -190,6 +213,7 @@ class OpenAIServingBase(ABC):
         # Always explicit: None means "up to the context", while a missing key would mean the
         # scheduler's own default.
         params["max_new_tokens"] = max_new_tokens
+        params.update(constraint_params(req))
         return params
 
     def make_plan(

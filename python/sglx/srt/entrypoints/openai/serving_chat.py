@@ -6,7 +6,8 @@ content may be a string or a list of parts; text parts are joined with newlines,
 (images, audio) are refused with a 400. The `developer` role is passed to the template as `system`.
 
 Without max_tokens/max_completion_tokens the choice may run to the end of the context
-(context_len - prompt_len new tokens). `response_format` other than {"type": "text"} is refused (400).
+(context_len - prompt_len new tokens). `response_format` (json_object, json_schema) and SGLang's `regex` /
+`ebnf` / `json_schema` constrain the output (OpenAIServingBase.sampling_params).
 `tools`/`tool_choice` are accepted and ignored: they are not shown to the template and no tool calls are
 parsed out of the output, so the answer is always plain assistant content.
 """
@@ -82,10 +83,6 @@ class OpenAIServingChat(OpenAIServingBase):
     id_prefix = "chatcmpl-"
 
     def build_plan(self, req: ChatCompletionRequest) -> GenPlan:
-        if req.response_format is not None and req.response_format.type != "text":
-            raise ValueError(
-                f"response_format type `{req.response_format.type}` is not supported; only `text` is."
-            )
         if req.top_logprobs and not req.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true.")
         input_ids = self.apply_template(req)

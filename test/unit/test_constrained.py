@@ -1,0 +1,208 @@
+"""Structured output: vocab masks against xgrammar's own kernel, masks against the tokenizer's strings, and
+constrained requests through the scheduler (overlap and sync, chunked prefill, retraction, aborts), with every
+output checked by python's re / json rather than by the grammar library that produced it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from sglx.srt.constrained.base_grammar_backend import (
+    GrammarError,
+    allocate_vocab_mask,
+    apply_vocab_mask,
+    create_grammar_backend,
+)
+from sglx.srt.layers.sampler import Sampler
+from sglx.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
+from sglx.srt.sampling.sampling_batch_info import SamplingBatchInfo
+from sglx.srt.sampling.sampling_params import SamplingParams, SamplingParamsError
+from sglx.srt.server_args import default_model_path
+from sglx.test.sampling_utils import req
+from sglx.test.scheduler_utils import make_scheduler, run_until_idle
+
+xgr = pytest.importorskip("xgrammar")
+
+PERSON = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"},
+                                           "tag": {"enum": ["alpha", "beta"]}},
+          "required": ["ok", "n", "tag"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from sglx.srt.hf_transformers_utils import get_tokenizer
+
+    return get_tokenizer(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def backend(tokenizer):
+    return create_grammar_backend("xgrammar", tokenizer, 49152, [2])
+
+
+def test_vocab_mask_matches_xgrammar_kernel():
+    torch.manual_seed(0)
+    for vocab in (32, 100, 49152):
+        mask = torch.randint(-(1 << 31), 1 << 31, (3, (vocab + 31) // 32), dtype=torch.int64).to(torch.int32)
+        logits = torch.randn(3, vocab)
+        want = logits.clone()
+        xgr.apply_token_bitmask_inplace(want, mask)
+        assert torch.equal(apply_vocab_mask(logits, mask), want)
+    full = allocate_vocab_mask(2, 70)
+    assert full.shape == (2, 3) and torch.equal(apply_vocab_mask(torch.ones(2, 70), full), torch.ones(2, 70))
+
+
+def _allowed(grammar, vocab=49152):
+    mask = allocate_vocab_mask(1, vocab)
+    grammar.fill_vocab_mask(mask, 0)
+    return set(torch.nonzero(apply_vocab_mask(torch.zeros(1, vocab), mask)[0] == 0).flatten().tolist())
+
+
+def test_regex_mask_is_exactly_the_tokens_the_regex_allows(tokenizer, backend):
+    """`[0-9]+`: first the tokens that are one or more digits (never the stop token), then also the stop token
+    once a digit was taken; the token strings come from the tokenizer, not from the grammar library."""
+    g = backend.compile(("regex", "[0-9]+")).copy()
+    digits = {i for i in range(len(tokenizer)) if re.fullmatch("[0-9]+", tokenizer.decode([i]))}
+    assert digits and _allowed(g) == digits
+    assert g.accept_token(min(digits)) and not g.is_terminated()
+    assert _allowed(g) == digits | {2}
+    assert not g.accept_token(tokenizer.encode("a")[0])  # refused, state unchanged
+    assert g.accept_token(2) and g.is_terminated()
+
+
+def test_bad_specs_raise_grammar_error(backend):
+    for key in [("regex", "([a-"), ("json", '{"type": "strang"}'), ("ebnf", "root ::= ")]:
+        with pytest.raises(GrammarError):
+            backend.compile(key)
+
+
+def test_sampling_params_constraint_checks():
+    with pytest.raises(SamplingParamsError, match="only one"):
+        SamplingParams(regex="a", ebnf='root ::= "a"').verify()
+    with pytest.raises(SamplingParamsError, match="not valid JSON"):
+        SamplingParams(json_schema="{nope").verify()
+    for bad in ({"regex": 3}, {"regex": ""}, {"ebnf": ["x"]}):
+        with pytest.raises(SamplingParamsError, match="non-empty string"):
+            SamplingParams(**bad).verify()
+    assert SamplingParams.from_dict({"json_schema": "{}"}).has_constraint
+
+
+@pytest.mark.parametrize("all_greedy", [True, False])
+def test_sampler_only_draws_allowed_tokens(backend, all_greedy):
+    """Masked rows sample only allowed ids (greedy: the best allowed one), unmasked rows are untouched."""
+    torch.manual_seed(1)
+    reqs = [req(temperature=0.0 if all_greedy else 1.0) for _ in range(4)]
+    reqs[1].grammar = backend.compile(("regex", "(yes|no)")).copy()
+    reqs[3].grammar = backend.compile(("regex", "[0-9]+")).copy()
+    info = SamplingBatchInfo.from_reqs(reqs, 49152, torch.device("cpu"))
+    assert info.vocab_mask.shape == (2, 1536) and info.vocab_mask_rows.tolist() == [1, 3]
+    logits = torch.randn(4, 49152)
+    for _ in range(20):
+        ids = Sampler()(logits, info).next_token_ids.tolist()
+        for row in (1, 3):
+            allowed = sorted(_allowed(reqs[row].grammar))
+            assert ids[row] in allowed
+            if all_greedy:
+                assert ids[row] == allowed[int(torch.argmax(logits[row, allowed]))]
+        if all_greedy:
+            assert ids[0] == int(torch.argmax(logits[0])) and ids[2] == int(torch.argmax(logits[2]))
+
+
+# ---------------------------------------------------------------- through the scheduler (tiny random Llama)
+
+
+def _submit(s, rid, constraint, max_new=64, prompt_len=30, **kw):
+    sp = SamplingParams(max_new_tokens=max_new, temperature=1.0, sampling_seed=hash(rid) % 1000, **constraint, **kw)
+    sp.verify()
+    sp.normalize()
+    s.process_input(TokenizedGenerateReqInput(rid, None, list(range(100, 100 + prompt_len)), sp))
+
+
+def _check_person(text):
+    obj = json.loads(text)
+    assert set(obj) == {"ok", "n", "tag"}, obj
+    assert isinstance(obj["ok"], bool) and isinstance(obj["n"], int) and obj["tag"] in ("alpha", "beta")
+
+
+CONSTRAINTS = {
+    "json": ({"json_schema": json.dumps(PERSON)}, _check_person),
+    "regex": ({"regex": r"[0-9]{3}-(yes|no)"}, lambda t: re.fullmatch(r"[0-9]{3}-(yes|no)", t) or pytest.fail(t)),
+    "ebnf": ({"ebnf": 'root ::= "x" ("y" | "z")+ "!"'}, lambda t: re.fullmatch(r"x[yz]+!", t) or pytest.fail(t)),
+}
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_constrained_requests_complete_valid_beside_free_ones(tmp_path, overlap):
+    """Random weights would never close a JSON object by themselves: every constrained request still ends on
+    its grammar's stop token with a valid output, ignore_eos or not, in the same batches as free requests."""
+    s = make_scheduler(tmp_path, max_total_tokens=4096, chunked_prefill_size=64,
+                       constrained_json_disable_any_whitespace=True, disable_overlap_schedule=not overlap)
+    for i in range(12):
+        kind = list(CONSTRAINTS)[i % 3]
+        # Long prompts are chunked (64): their rows sample and discard while the grammar must not move.
+        _submit(s, f"{kind}{i}", CONSTRAINTS[kind][0], prompt_len=150 if i % 4 == 0 else 30, ignore_eos=i % 2 == 0)
+        _submit(s, f"free{i}", {}, max_new=20)
+    outputs = {}
+    finished = run_until_idle(s, outputs=outputs)
+    assert len(finished) == 24 and s.internal_state()["kv_leak_free"]
+    for rid, (fr, n) in finished.items():
+        if rid.startswith("free"):
+            assert fr["type"] == "length" and n == 20
+            continue
+        assert fr == {"type": "stop", "matched": 2}, (rid, fr)
+        assert outputs[rid][-1] == 2 and 2 not in outputs[rid][:-1]
+        CONSTRAINTS[rid.rstrip("0123456789")][1](s.tokenizer.decode(outputs[rid][:-1]))
+
+
+def test_retracted_constrained_request_resumes_its_grammar(tmp_path):
+    """A tiny pool forces retraction mid-output: the resumed request continues its grammar where it was."""
+    s = make_scheduler(tmp_path, max_total_tokens=600, max_running_requests=12,
+                       constrained_json_disable_any_whitespace=True)
+    schema = json.dumps({"type": "array", "items": {"enum": ["alpha", "beta", "gamma"]}, "minItems": 20,
+                         "maxItems": 20})
+    for i in range(12):
+        _submit(s, f"a{i}", {"json_schema": schema}, max_new=150, prompt_len=10)
+    outputs = {}
+    finished = run_until_idle(s, outputs=outputs)
+    assert len(finished) == 12 and s.internal_state()["num_retracted_reqs"] > 0
+    for rid, (fr, _) in finished.items():
+        assert fr["type"] == "stop", (rid, fr, s.tokenizer.decode(outputs[rid]))
+        items = json.loads(s.tokenizer.decode(outputs[rid][:-1]))
+        assert len(items) == 20 and set(items) <= {"alpha", "beta", "gamma"}
+
+
+def test_bad_constraint_and_abort_in_the_grammar_queue(tmp_path):
+    s = make_scheduler(tmp_path, max_total_tokens=4096)
+    _submit(s, "bad", {"regex": "([a-"})
+    _submit(s, "gone", {"regex": "[a-z]{5}"})
+    s.process_input(AbortReq(rid="gone"))  # aborted before its grammar was taken from the queue
+    _submit(s, "short", {"regex": "[a-z]+"}, max_new=3)
+    outputs = {}
+    finished = run_until_idle(s, outputs=outputs)
+    assert finished["bad"][0]["type"] == "abort" and finished["bad"][0]["status_code"] == 400
+    assert "Unclosed" in finished["bad"][0]["message"]
+    assert finished["gone"][0] == {"type": "abort", "message": "aborted by the client", "status_code": 400}
+    assert finished["short"][0]["type"] == "length"  # max_new_tokens ends it before the grammar does
+    assert re.fullmatch("[a-z]+", s.tokenizer.decode(outputs["short"]))
+    assert s.internal_state()["num_grammar_queue_reqs"] == 0 and s.is_idle()
+
+
+def test_grammar_backend_none_refuses_constraints(tmp_path):
+    s = make_scheduler(tmp_path, max_total_tokens=4096, grammar_backend="none")
+    _submit(s, "x", {"regex": "a"})
+    finished = run_until_idle(s)
+    assert finished["x"][0]["status_code"] == 400 and "--grammar-backend none" in finished["x"][0]["message"]
+
+
+def test_one_compile_per_distinct_spec(tmp_path, monkeypatch):
+    s = make_scheduler(tmp_path, max_total_tokens=4096)
+    calls = []
+    real = s.grammar_manager._compile
+    monkeypatch.setattr(s.grammar_manager, "_compile", lambda key: calls.append(key) or real(key))
+    for i in range(6):
+        _submit(s, str(i), {"regex": "[0-9]{2}" if i % 2 else "[a-z]{2}"}, max_new=8)
+    finished = run_until_idle(s)
+    assert len(finished) == 6 and sorted(calls) == [("regex", "[0-9]{2}"), ("regex", "[a-z]{2}")]

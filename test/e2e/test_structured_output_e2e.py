@@ -63,3 +63,30 @@ def test_bad_constraints_are_400_and_the_server_keeps_serving(server):
     ok = requests.post(server.url("/generate"), timeout=300,
                        json={"text": "Hi", "sampling_params": {"regex": "(yes|no)", "max_new_tokens": 4}})
     assert ok.status_code == 200 and ok.json()["text"] in ("yes", "no")
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                   "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "Current time"}}
+
+
+def test_tool_choice_required_and_named_give_real_calls(server):
+    """Whatever the model would have written, a forced tool choice yields well-formed calls of offered tools."""
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key="none")
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    chat = client.chat.completions.create(model=MODEL, max_tokens=100, temperature=0, messages=messages,
+                                          tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required")
+    choice = chat.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+    for call in choice.message.tool_calls:
+        args = json.loads(call.function.arguments)
+        assert call.function.name in ("get_weather", "get_time") and isinstance(args, dict)
+        if call.function.name == "get_weather":
+            assert isinstance(args["city"], str)
+    named = client.chat.completions.create(
+        model=MODEL, max_tokens=60, temperature=0, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = named.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)

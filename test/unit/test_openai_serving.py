@@ -360,12 +360,15 @@ def test_chat_content_parts_and_roles(base_url, fake_tm, tokenizer):
              {"role": "assistant", "content": None, "tool_calls": [
                  {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
              {"role": "tool", "content": "4", "tool_call_id": "c1"}]
-    r = requests.post(f"{base_url}/v1/chat/completions", json={"messages": parts, "tools": [{"type": "function"}]})
+    r = requests.post(f"{base_url}/v1/chat/completions", json={"messages": parts,
+                                                                "tools": [{"type": "function", "function": {"name": "add"}}]})
     assert r.status_code == 200, r.text
     flat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is\n2+2?"},
-            {"role": "assistant", "content": "", "tool_calls": parts[2]["tool_calls"]},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {}}}]},
             {"role": "tool", "content": "4", "tool_call_id": "c1"}]
-    assert fake_tm.received[-1].input_ids == template_ids(tokenizer, flat, add_generation_prompt=True)
+    assert fake_tm.received[-1].input_ids == template_ids(tokenizer, flat, add_generation_prompt=True,
+                                                          tools=[{"type": "function", "function": {"name": "add"}}])
 
 
 def test_chat_continue_final_message(base_url, fake_tm, tokenizer):
@@ -557,3 +560,90 @@ def test_int_list_checks_and_message_chunks():
     parts = chunk_by_tokens(reqs, 5)
     assert [[r.rid for r in p] for p in parts] == [["0", "1"], ["2", "3"], ["4", "5"]]
     assert chunk_by_tokens([], 5) == [] and len(chunk_by_tokens(reqs, 10**9)) == 1
+
+
+# ----------------------------------------------------------------------------- tool calls
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                  "parameters": {"type": "object", "properties": {
+                                                      "city": {"type": "string"}}, "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time"}}
+TOOL_REPLY = 'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.fixture
+def tool_parser(fake_tm, monkeypatch):
+    """The fake manager's server runs with --tool-call-parser qwen25 and answers with a tool call."""
+    import types
+
+    monkeypatch.setattr(fake_tm, "server_args", types.SimpleNamespace(tool_call_parser="qwen25"), raising=False)
+    monkeypatch.setitem(globals(), "REPLIES", [TOOL_REPLY])
+
+
+def test_auto_tool_calls_are_parsed(client, fake_tm, tool_parser):
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER_TOOL, TIME_TOOL])
+    choice = chat.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert "json_schema" not in fake_tm.received[0].sampling_params  # auto constrains nothing
+    # Streamed: the text first, then the call in one delta once complete, and the same finish reason.
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER_TOOL],
+                                                 stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert text == "Checking." and len(calls) == 1 and calls[0].index == 0
+    assert (calls[0].function.name, json.loads(calls[0].function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # tool_choice "none": nothing is parsed, the text comes back as it is.
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice="none")
+    assert plain.choices[0].message.content == TOOL_REPLY and plain.choices[0].message.tool_calls is None
+    assert plain.choices[0].finish_reason == "stop"
+
+
+def test_tools_reach_the_template(base_url, fake_tm, monkeypatch):
+    seen = []
+    real = fake_tm.tokenizer.apply_chat_template
+    monkeypatch.setattr(fake_tm.tokenizer, "apply_chat_template",
+                        lambda msgs, **kw: seen.append((msgs, kw)) or real(msgs, **kw))
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
+    for choice, want_tools in (("auto", True), ("none", False)):
+        r = requests.post(f"{base_url}/v1/chat/completions",
+                          json={"messages": history, "tools": [WEATHER_TOOL], "tool_choice": choice, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        msgs, kw = seen[-1]
+        assert ("tools" in kw) == want_tools and (not want_tools or kw["tools"][0] == WEATHER_TOOL)
+        # The assistant's call reaches the template with its arguments as a mapping, as templates expect.
+        assert msgs[-2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
+def test_required_and_named_tool_choice_constrain_the_output(client, fake_tm, monkeypatch):
+    monkeypatch.setitem(globals(), "REPLIES", ['[{"name": "get_time", "parameters": {}}]'])
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER_TOOL, TIME_TOOL],
+                                          tool_choice="required", parallel_tool_calls=False)
+    schema = json.loads(fake_tm.received[-1].sampling_params["json_schema"])
+    assert schema["type"] == "array" and schema["maxItems"] == 1
+    (call,) = chat.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and chat.choices[0].message.content is None
+    monkeypatch.setitem(globals(), "REPLIES", ['{"city": "Oslo"}'])
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER_TOOL, TIME_TOOL],
+                                          tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert json.loads(fake_tm.received[-1].sampling_params["json_schema"]) == WEATHER_TOOL["function"]["parameters"]
+    (call,) = chat.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Oslo"})
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"tool_choice": "required"}, "needs tools"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "combined"),
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+])
+def test_bad_tool_requests_400(base_url, fake_tm, extra, needle):
+    r = requests.post(f"{base_url}/v1/chat/completions", json={"messages": MESSAGES, **extra})
+    assert r.status_code == 400 and needle in r.json()["message"], r.text
+    assert fake_tm.received == []

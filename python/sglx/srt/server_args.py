@@ -118,6 +118,8 @@ class ServerArgs:
     grammar_backend: str = "xgrammar"
     # JSON schemas: no free whitespace between tokens (compact JSON; small models can loop on whitespace).
     constrained_json_disable_any_whitespace: bool = False
+    # Tool calls in chat outputs (tool_choice "auto"): how the model writes them (function_call/detectors.py).
+    tool_call_parser: Optional[str] = None
     # Form and launch the next decode step before the current one's tokens reach the host (scheduler.py).
     disable_overlap_schedule: bool = False
     # Parallelism
@@ -194,6 +196,11 @@ class ServerArgs:
         if self.grammar_backend not in grammar_backend_names():
             raise ValueError(f"--grammar-backend must be one of {', '.join(grammar_backend_names())}; "
                              f"got {self.grammar_backend}")
+        from sglx.srt.function_call.detectors import TOOL_CALL_PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"--tool-call-parser must be one of {', '.join(sorted(TOOL_CALL_PARSERS))}; "
+                             f"got {self.tool_call_parser}")
         from sglx.srt.configs.model_config import _DTYPE_NAMES, KV_DTYPES, check_dtype_name
         from sglx.srt.layers.attention.registry import attention_backend_names
 

@@ -169,8 +169,33 @@ class ChatContentPart(BaseModel):
     text: Optional[str] = None
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = None
+    strict: Optional[SBool] = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(BaseModel):
+    name: str
+
+
+class ToolChoice(BaseModel):
+    """tool_choice naming one function: {"type": "function", "function": {"name": ...}}."""
+
+    type: Literal["function"] = "function"
+    function: ToolChoiceFunction
+
+
 class ChatMessage(BaseModel):
-    """A message of the conversation. Tool-call fields are kept for the chat template, never parsed."""
+    """A message of the conversation. Tool-call fields are passed to the chat template."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -187,9 +212,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: Optional[SInt] = Field(default=None, ge=0)
     logprobs: Optional[SBool] = False
     top_logprobs: Optional[SInt] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Accepted so that agent clients do not fail; no tool-call parsing is done.
-    tools: Optional[List[Dict[str, Any]]] = None
-    tool_choice: Optional[Union[str, Dict[str, Any]]] = None
+    # Tool calling (function_call/tool_plan.py says what each tool_choice does).
+    tools: Optional[List[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], ToolChoice]] = None
     parallel_tool_calls: Optional[SBool] = None
     # vLLM / SGLang template controls
     add_generation_prompt: Optional[SBool] = True
@@ -211,9 +236,25 @@ class ChatCompletionLogProbs(BaseModel):
     content: Optional[List[ChatCompletionTokenLogprob]] = None
 
 
+class FunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    index: int
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: Optional[str] = None
+    tool_calls: Optional[List[ToolCall]] = None
 
 
 class ChatCompletionResponseChoice(BaseModel):
@@ -236,6 +277,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[List[DeltaToolCall]] = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> Dict[str, Any]:

@@ -100,6 +100,7 @@ class GenPlan:
     choices_per_prompt: int
     want_logprobs: bool
     prompts: List[Prompt] = field(default_factory=list)
+    tools: Any = None  # chat: a function_call.tool_plan.ToolPlan when outputs are read for tool calls
 
     @property
     def num_choices(self) -> int:
@@ -116,6 +117,8 @@ class ChoiceState:
     started: bool = False
     finished: bool = False
     meta: Dict[str, Any] = field(default_factory=dict)
+    tool_stream: Any = None  # chat with tools: the choice's ToolCallStream
+    tool_calls_sent: int = 0
 
 
 class OpenAIServingBase(ABC):
@@ -144,8 +147,9 @@ class OpenAIServingBase(ABC):
         delta: str,
         logprobs: List[TokenLogprob],
         finish_reason: Optional[Dict[str, Any]],
-    ) -> BaseModel:
-        """One stream chunk for choice `index` carrying the text and logprobs new since the last one."""
+    ) -> Optional[BaseModel]:
+        """One stream chunk for choice `index` carrying the text and logprobs new since the last one (None:
+        nothing to send yet)."""
 
     @abstractmethod
     def build_usage_chunk(self, plan: GenPlan, usage: UsageInfo) -> BaseModel:

@@ -8,13 +8,18 @@ content may be a string or a list of parts; text parts are joined with newlines,
 Without max_tokens/max_completion_tokens the choice may run to the end of the context
 (context_len - prompt_len new tokens). `response_format` (json_object, json_schema) and SGLang's `regex` /
 `ebnf` / `json_schema` constrain the output (OpenAIServingBase.sampling_params).
-`tools`/`tool_choice` are accepted and ignored: they are not shown to the template and no tool calls are
-parsed out of the output, so the answer is always plain assistant content.
+`tools` are passed to the chat template (unless tool_choice is "none") and `tool_choice` decides how outputs
+become `tool_calls` (function_call/tool_plan.py): parsed with `--tool-call-parser` (auto), or constrained to
+a list of calls (required) or to one function's arguments (named). A choice with calls that stopped normally
+ends with finish_reason "tool_calls". Streamed, plain text goes out as it comes and each call in one delta
+once complete.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import json
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
 
 from sglx.srt.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -25,9 +30,14 @@ from sglx.srt.entrypoints.openai.protocol import (
     ChatMessage,
     ChatResponseMessage,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
     UsageInfo,
 )
 from sglx.srt.entrypoints.openai.serving_base import ChoiceState, GenPlan, OpenAIServingBase
+from sglx.srt.function_call.base_format_detector import ParseResult, ToolCallItem
+from sglx.srt.function_call.tool_plan import ToolPlan
 from sglx.srt.entrypoints.openai.utils import (
     TokenLogprob,
     finish_reason_str,
@@ -61,7 +71,35 @@ def message_to_template_dict(msg: ChatMessage) -> Dict[str, Any]:
         value = getattr(msg, key)
         if value is not None:
             d[key] = value
+    if msg.tool_calls:
+        d["tool_calls"] = [_arguments_as_dict(c) for c in msg.tool_calls]
     return d
+
+
+def _arguments_as_dict(call: Dict[str, Any]) -> Dict[str, Any]:
+    """OpenAI sends a call's arguments as JSON text; chat templates (Llama 3.1, Qwen2.5, ...) expect a mapping."""
+    fn = call.get("function")
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        try:
+            args = json.loads(fn["arguments"])
+        except ValueError:
+            return call
+        if isinstance(args, dict):
+            return {**call, "function": {**fn, "arguments": args}}
+    return call
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_calls_of(calls: List[ToolCallItem]) -> List[ToolCall]:
+    return [ToolCall(id=new_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+
+
+def chat_finish_reason(finish_reason: Optional[Dict[str, Any]], has_calls: bool) -> Optional[str]:
+    reason = finish_reason_str(finish_reason)
+    return "tool_calls" if reason == "stop" and has_calls else reason
 
 
 def flat_token_ids(encoded: Any) -> List[int]:
@@ -85,6 +123,9 @@ class OpenAIServingChat(OpenAIServingBase):
     def build_plan(self, req: ChatCompletionRequest) -> GenPlan:
         if req.top_logprobs and not req.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true.")
+        server_args = getattr(self.tokenizer_manager, "server_args", None)
+        tools = ToolPlan.from_request(req.tools, req.tool_choice, req.parallel_tool_calls,
+                                      getattr(server_args, "tool_call_parser", None))
         input_ids = self.apply_template(req)
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_new is None:
@@ -95,13 +136,21 @@ class OpenAIServingChat(OpenAIServingBase):
                     f"in the model's context of {context_len} tokens."
                 )
             max_new = context_len - len(input_ids)
-        return self.make_plan(
+        sampling = self.sampling_params(req, max_new)
+        if tools is not None and tools.constraint is not None:
+            if any(k in sampling for k in ("json_schema", "regex", "ebnf")):
+                raise ValueError("tool_choice `required` or a named function already constrains the output: "
+                                 "it cannot be combined with response_format, json_schema, regex or ebnf")
+            sampling["json_schema"] = tools.constraint
+        plan = self.make_plan(
             req,
             [input_ids],
-            self.sampling_params(req, max_new),
+            sampling,
             return_logprob=bool(req.logprobs),
             top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0,
         )
+        plan.tools = tools
+        return plan
 
     def apply_template(self, req: ChatCompletionRequest) -> List[int]:
         tokenizer = self.tokenizer_manager.tokenizer
@@ -116,6 +165,8 @@ class OpenAIServingChat(OpenAIServingBase):
             add_generation_prompt = False
         else:
             add_generation_prompt = req.add_generation_prompt is not False
+        if req.tools and req.tool_choice != "none":
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
         try:
             encoded = tokenizer.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs
@@ -135,12 +186,17 @@ class OpenAIServingChat(OpenAIServingBase):
             if plan.want_logprobs:
                 logprobs = to_chat_logprobs(logprobs_since(meta, 0, self.tokenizer_manager.tokenizer))
             fr = meta.get("finish_reason")
+            content, calls = out.get("text", ""), []
+            if plan.tools is not None:
+                parsed = plan.tools.detector.parse(content, plan.tools.tool_names)
+                content, calls = parsed.normal_text, parsed.calls
             choices.append(
                 ChatCompletionResponseChoice(
                     index=i,
-                    message=ChatResponseMessage(content=out.get("text", "")),
+                    message=ChatResponseMessage(content=content if content or not calls else None,
+                                                tool_calls=tool_calls_of(calls) or None),
                     logprobs=logprobs,
-                    finish_reason=finish_reason_str(fr),
+                    finish_reason=chat_finish_reason(fr, bool(calls)),
                     matched_stop=matched_stop(fr),
                 )
             )
@@ -173,15 +229,32 @@ class OpenAIServingChat(OpenAIServingBase):
         delta: str,
         logprobs: List[TokenLogprob],
         finish_reason: Optional[Dict[str, Any]],
-    ) -> ChatCompletionStreamResponse:
+    ) -> Optional[ChatCompletionStreamResponse]:
+        content, calls = self._tool_delta(plan, state, delta, finish_reason is not None)
+        if not content and not calls and not logprobs and finish_reason is None:
+            return None  # (text held back while it may start a tool call)
+        deltas = [DeltaToolCall(index=state.tool_calls_sent + j, **c.model_dump()) for j, c in enumerate(calls)]
+        state.tool_calls_sent += len(calls)
         choice = ChatCompletionStreamChoice(
             index=index,
-            delta=DeltaMessage(content=delta or None),
+            delta=DeltaMessage(content=content or None, tool_calls=deltas or None),
             logprobs=to_chat_logprobs(logprobs) if plan.want_logprobs else None,
-            finish_reason=finish_reason_str(finish_reason),
+            finish_reason=chat_finish_reason(finish_reason, state.tool_calls_sent > 0),
             matched_stop=matched_stop(finish_reason),
         )
         return self._chunk(plan, choice)
+
+    @staticmethod
+    def _tool_delta(plan: GenPlan, state: ChoiceState, delta: str, last: bool) -> Tuple[str, List[ToolCall]]:
+        """The text of this chunk and the tool calls completed in it."""
+        if plan.tools is None:
+            return delta, []
+        if state.tool_stream is None:
+            state.tool_stream = plan.tools.stream()
+        parsed: ParseResult = state.tool_stream.feed(delta)
+        if last:
+            parsed.extend(state.tool_stream.flush())
+        return parsed.normal_text, tool_calls_of(parsed.calls)
 
     def build_usage_chunk(self, plan: GenPlan, usage: UsageInfo) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(

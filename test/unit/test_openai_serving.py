@@ -647,3 +647,29 @@ def test_bad_tool_requests_400(base_url, fake_tm, extra, needle):
     r = requests.post(f"{base_url}/v1/chat/completions", json={"messages": MESSAGES, **extra})
     assert r.status_code == 400 and needle in r.json()["message"], r.text
     assert fake_tm.received == []
+
+
+# ----------------------------------------------------------------------------- reasoning
+THINK_REPLY = '<think>\nAdd them.\n</think>\n\nIt is 4.<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+
+
+def test_reasoning_content_is_split_from_the_answer(client, base_url, fake_tm, monkeypatch):
+    import types
+
+    monkeypatch.setattr(fake_tm, "server_args", types.SimpleNamespace(tool_call_parser="qwen25",
+                                                                      reasoning_parser="qwen3"), raising=False)
+    monkeypatch.setitem(globals(), "REPLIES", [THINK_REPLY])
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[TIME_TOOL])
+    msg = chat.choices[0].message
+    assert msg.reasoning_content == "\nAdd them.\n" and msg.content == "It is 4."
+    assert [c.function.name for c in msg.tool_calls] == ["get_time"] and chat.choices[0].finish_reason == "tool_calls"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[TIME_TOOL], stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "\nAdd them.\n"
+    assert "".join(d.content or "" for d in deltas) == "It is 4."
+    assert [tc.function.name for d in deltas for tc in (d.tool_calls or [])] == ["get_time"]
+    # separate_reasoning false: the thinking stays inline, as the model wrote it.
+    r = requests.post(f"{base_url}/v1/chat/completions",
+                      json={"messages": MESSAGES, "separate_reasoning": False}).json()
+    assert r["choices"][0]["message"]["content"] == THINK_REPLY
+    assert r["choices"][0]["message"]["reasoning_content"] is None

@@ -120,6 +120,8 @@ class ServerArgs:
     constrained_json_disable_any_whitespace: bool = False
     # Tool calls in chat outputs (tool_choice "auto"): how the model writes them (function_call/detectors.py).
     tool_call_parser: Optional[str] = None
+    # Thinking models: split <think>...</think> from the answer into reasoning_content (reasoning_parser.py).
+    reasoning_parser: Optional[str] = None
     # Form and launch the next decode step before the current one's tokens reach the host (scheduler.py).
     disable_overlap_schedule: bool = False
     # Parallelism
@@ -201,6 +203,11 @@ class ServerArgs:
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"--tool-call-parser must be one of {', '.join(sorted(TOOL_CALL_PARSERS))}; "
                              f"got {self.tool_call_parser}")
+        from sglx.srt.reasoning_parser import REASONING_PARSERS
+
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"--reasoning-parser must be one of {', '.join(sorted(REASONING_PARSERS))}; "
+                             f"got {self.reasoning_parser}")
         from sglx.srt.configs.model_config import _DTYPE_NAMES, KV_DTYPES, check_dtype_name
         from sglx.srt.layers.attention.registry import attention_backend_names
 

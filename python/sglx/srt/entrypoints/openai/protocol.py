@@ -217,6 +217,8 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Optional[Union[Literal["none", "auto", "required"], ToolChoice]] = None
     parallel_tool_calls: Optional[SBool] = None
     # vLLM / SGLang template controls
+    # SGLang: with --reasoning-parser, return the thinking apart as reasoning_content (false: keep it inline).
+    separate_reasoning: Optional[SBool] = True
     add_generation_prompt: Optional[SBool] = True
     continue_final_message: Optional[SBool] = False
     chat_template_kwargs: Optional[Dict[str, Any]] = None
@@ -254,6 +256,7 @@ class DeltaToolCall(ToolCall):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[List[ToolCall]] = None
 
 
@@ -277,6 +280,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[List[DeltaToolCall]] = None
 
     @model_serializer(mode="wrap")

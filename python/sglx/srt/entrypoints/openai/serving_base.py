@@ -101,6 +101,7 @@ class GenPlan:
     want_logprobs: bool
     prompts: List[Prompt] = field(default_factory=list)
     tools: Any = None  # chat: a function_call.tool_plan.ToolPlan when outputs are read for tool calls
+    reasoning: Any = None  # chat: the reasoning_parser.ReasoningFormat when thinking is returned apart
 
     @property
     def num_choices(self) -> int:
@@ -118,6 +119,7 @@ class ChoiceState:
     finished: bool = False
     meta: Dict[str, Any] = field(default_factory=dict)
     tool_stream: Any = None  # chat with tools: the choice's ToolCallStream
+    reasoning_stream: Any = None  # chat with --reasoning-parser: the choice's ReasoningStream
     tool_calls_sent: int = 0
 
 

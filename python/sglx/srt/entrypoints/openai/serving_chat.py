@@ -12,7 +12,8 @@ Without max_tokens/max_completion_tokens the choice may run to the end of the co
 become `tool_calls` (function_call/tool_plan.py): parsed with `--tool-call-parser` (auto), or constrained to
 a list of calls (required) or to one function's arguments (named). A choice with calls that stopped normally
 ends with finish_reason "tool_calls". Streamed, plain text goes out as it comes and each call in one delta
-once complete.
+once complete. With `--reasoning-parser` (and `separate_reasoning`, SGLang's field, true by default) the
+model's thinking comes apart as `reasoning_content`, and only the answer after it is read for tool calls.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from sglx.srt.entrypoints.openai.protocol import (
 from sglx.srt.entrypoints.openai.serving_base import ChoiceState, GenPlan, OpenAIServingBase
 from sglx.srt.function_call.base_format_detector import ParseResult, ToolCallItem
 from sglx.srt.function_call.tool_plan import ToolPlan
+from sglx.srt.reasoning_parser import REASONING_PARSERS, ReasoningStream, split_reasoning
 from sglx.srt.entrypoints.openai.utils import (
     TokenLogprob,
     finish_reason_str,
@@ -150,6 +152,9 @@ class OpenAIServingChat(OpenAIServingBase):
             top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0,
         )
         plan.tools = tools
+        parser = getattr(server_args, "reasoning_parser", None)
+        if parser is not None and req.separate_reasoning is not False:
+            plan.reasoning = REASONING_PARSERS[parser]
         return plan
 
     def apply_template(self, req: ChatCompletionRequest) -> List[int]:
@@ -186,7 +191,9 @@ class OpenAIServingChat(OpenAIServingBase):
             if plan.want_logprobs:
                 logprobs = to_chat_logprobs(logprobs_since(meta, 0, self.tokenizer_manager.tokenizer))
             fr = meta.get("finish_reason")
-            content, calls = out.get("text", ""), []
+            reasoning, content, calls = None, out.get("text", ""), []
+            if plan.reasoning is not None:
+                reasoning, content = split_reasoning(content, plan.reasoning)
             if plan.tools is not None:
                 parsed = plan.tools.detector.parse(content, plan.tools.tool_names)
                 content, calls = parsed.normal_text, parsed.calls
@@ -194,6 +201,7 @@ class OpenAIServingChat(OpenAIServingBase):
                 ChatCompletionResponseChoice(
                     index=i,
                     message=ChatResponseMessage(content=content if content or not calls else None,
+                                                reasoning_content=reasoning or None,
                                                 tool_calls=tool_calls_of(calls) or None),
                     logprobs=logprobs,
                     finish_reason=chat_finish_reason(fr, bool(calls)),
@@ -230,19 +238,35 @@ class OpenAIServingChat(OpenAIServingBase):
         logprobs: List[TokenLogprob],
         finish_reason: Optional[Dict[str, Any]],
     ) -> Optional[ChatCompletionStreamResponse]:
-        content, calls = self._tool_delta(plan, state, delta, finish_reason is not None)
-        if not content and not calls and not logprobs and finish_reason is None:
-            return None  # (text held back while it may start a tool call)
+        last = finish_reason is not None
+        reasoning, delta = self._reasoning_delta(plan, state, delta, last)
+        content, calls = self._tool_delta(plan, state, delta, last)
+        if not reasoning and not content and not calls and not logprobs and not last:
+            return None  # (text held back while it may start a tag or a tool call)
         deltas = [DeltaToolCall(index=state.tool_calls_sent + j, **c.model_dump()) for j, c in enumerate(calls)]
         state.tool_calls_sent += len(calls)
         choice = ChatCompletionStreamChoice(
             index=index,
-            delta=DeltaMessage(content=content or None, tool_calls=deltas or None),
+            delta=DeltaMessage(content=content or None, reasoning_content=reasoning or None,
+                               tool_calls=deltas or None),
             logprobs=to_chat_logprobs(logprobs) if plan.want_logprobs else None,
             finish_reason=chat_finish_reason(finish_reason, state.tool_calls_sent > 0),
             matched_stop=matched_stop(finish_reason),
         )
         return self._chunk(plan, choice)
+
+    @staticmethod
+    def _reasoning_delta(plan: GenPlan, state: ChoiceState, delta: str, last: bool) -> Tuple[str, str]:
+        """This chunk's text as (reasoning, answer)."""
+        if plan.reasoning is None:
+            return "", delta
+        if state.reasoning_stream is None:
+            state.reasoning_stream = ReasoningStream(plan.reasoning)
+        reasoning, answer = state.reasoning_stream.feed(delta)
+        if last:
+            more_reasoning, more_answer = state.reasoning_stream.flush()
+            reasoning, answer = reasoning + more_reasoning, answer + more_answer
+        return reasoning, answer
 
     @staticmethod
     def _tool_delta(plan: GenPlan, state: ChoiceState, delta: str, last: bool) -> Tuple[str, List[ToolCall]]:

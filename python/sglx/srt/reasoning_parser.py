@@ -1,0 +1,84 @@
+"""Reasoning models' thinking, split from their answer (`--reasoning-parser`, SGLang's names).
+
+Qwen3 writes `<think>...</think>` before its answer; DeepSeek-R1's template already opens the `<think>` in the
+prompt, so its output starts inside the reasoning and only the closing tag shows. `ReasoningStream` splits
+text as it arrives: reasoning until the closing tag, the answer after it, holding back only what could still be
+the start of a tag. An output that never closes its reasoning is all reasoning (it ran out of tokens thinking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    start: str = "<think>"
+    end: str = "</think>"
+    # The output begins inside the reasoning (the prompt opened it) whether or not it writes the start tag.
+    starts_in_reasoning: bool = False
+
+
+REASONING_PARSERS: Dict[str, ReasoningFormat] = {
+    "qwen3": ReasoningFormat(),
+    "deepseek-r1": ReasoningFormat(starts_in_reasoning=True),
+}
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is a proper prefix of `tag`."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+class ReasoningStream:
+    """One output, fed as it arrives; each call returns (reasoning, answer) text new in it."""
+
+    def __init__(self, fmt: ReasoningFormat) -> None:
+        self.fmt = fmt
+        self.buffer = ""
+        self.state = "start"  # -> reasoning -> answer, or start -> answer
+        self.answer_started = False  # the answer's leading whitespace (after the end tag) is dropped
+
+    def feed(self, delta: str) -> Tuple[str, str]:
+        self.buffer += delta
+        reasoning = ""
+        if self.state == "start":
+            stripped = self.buffer.lstrip()
+            if stripped.startswith(self.fmt.start):
+                self.buffer, self.state = stripped[len(self.fmt.start):], "reasoning"
+            elif not stripped or self.fmt.start.startswith(stripped):
+                return "", ""  # may still become the start tag
+            elif self.fmt.starts_in_reasoning:
+                self.state = "reasoning"  # the prompt opened it
+            else:
+                self.state, self.answer_started = "answer", True  # no reasoning: the text stays as it is
+        if self.state == "reasoning":
+            end = self.buffer.find(self.fmt.end)
+            if end < 0:
+                keep = _partial_suffix(self.buffer, self.fmt.end)
+                reasoning, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+                return reasoning, ""
+            reasoning, self.buffer = self.buffer[:end], self.buffer[end + len(self.fmt.end):]
+            self.state = "answer"
+        answer, self.buffer = self.buffer, ""
+        if not self.answer_started:
+            answer = answer.lstrip()
+            self.answer_started = bool(answer)
+        return reasoning, answer
+
+    def flush(self) -> Tuple[str, str]:
+        rest, self.buffer = self.buffer, ""
+        in_reasoning = self.state == "reasoning" or (self.state == "start" and self.fmt.starts_in_reasoning)
+        return (rest, "") if in_reasoning else ("", rest)
+
+
+def split_reasoning(text: str, fmt: ReasoningFormat) -> Tuple[str, str]:
+    """A whole output as (reasoning, answer)."""
+    stream = ReasoningStream(fmt)
+    r1, a1 = stream.feed(text)
+    r2, a2 = stream.flush()
+    return r1 + r2, a1 + a2

@@ -1,0 +1,38 @@
+"""Reasoning split from the answer: whole outputs, and the same outputs streamed in every split."""
+
+from __future__ import annotations
+
+import pytest
+
+from sglx.srt.reasoning_parser import REASONING_PARSERS, ReasoningStream, split_reasoning
+
+QWEN3, R1 = REASONING_PARSERS["qwen3"], REASONING_PARSERS["deepseek-r1"]
+CASES = [
+    (QWEN3, "<think>\nLet me see.\n</think>\n\nThe answer is 4.", ("\nLet me see.\n", "The answer is 4.")),
+    (QWEN3, "The answer is 4.", ("", "The answer is 4.")),  # thinking off: no tags at all
+    (QWEN3, "  Hi <think>x</think>", ("", "  Hi <think>x</think>")),  # a tag later is just text
+    (QWEN3, "<think>still thinking", ("still thinking", "")),  # ran out of tokens while thinking
+    (QWEN3, "<thin", ("", "<thin")),
+    (R1, "Let me see.\n</think>\n\nThe answer is 4.", ("Let me see.\n", "The answer is 4.")),  # opened by the prompt
+    (R1, "<think>Let me see.</think>4", ("Let me see.", "4")),
+    (R1, "no end", ("no end", "")),
+]
+
+
+@pytest.mark.parametrize("fmt,text,want", CASES)
+def test_whole_and_streamed(fmt, text, want):
+    assert split_reasoning(text, fmt) == want
+    for size in (1, 2, 3, 5, 11):
+        stream, reasoning, answer = ReasoningStream(fmt), "", ""
+        for i in range(0, len(text), size):
+            r, a = stream.feed(text[i:i + size])
+            reasoning, answer = reasoning + r, answer + a
+        r, a = stream.flush()
+        assert (reasoning + r, answer + a) == want, size
+
+
+def test_reasoning_streams_before_the_end_tag():
+    stream = ReasoningStream(QWEN3)
+    assert stream.feed("<think>step one, ") == ("step one, ", "")
+    assert stream.feed("step two</th") == ("step two", "")  # "</th" may close it: held back
+    assert stream.feed("ink>\n\nDone") == ("", "Done")

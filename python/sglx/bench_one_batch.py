@@ -57,6 +57,7 @@ class BenchReq:
     eos_token_ids: set = field(default_factory=set)
     row: int = 0
     kv_len: int = 0
+    grammar: Any = None  # (no structured output here)
 
 
 @dataclass

@@ -59,8 +59,8 @@ def test_overlapped_launch_never_syncs(tmp_path, backend, page_size, monkeypatch
                 return fn(*a, **kw)
         return wrapper
 
-    def launch(batch, inflight_tokens=0):
-        out = guarded(real_launch)(batch, inflight_tokens)
+    def launch(batch, inflight_tokens=0, **kw):
+        out = guarded(real_launch)(batch, inflight_tokens, **kw)
         if state["overlapping"]:
             checked["steps"] += 1
         state["overlapping"] = False

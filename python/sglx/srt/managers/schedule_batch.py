@@ -285,10 +285,11 @@ class ScheduleBatch:
             r.kv_len += 1
 
     # ---------------------------------------------------------------- hand-off
-    def get_model_worker_batch(self, inflight_tokens: int = 0) -> ModelWorkerBatch:
+    def get_model_worker_batch(self, inflight_tokens: int = 0, with_sampling_info: bool = True) -> ModelWorkerBatch:
         """The runner's view of this step. `inflight_tokens`: tokens each request has already sampled on the
         device beyond its output_ids (1 when the step launches before the previous one's results are
-        processed), so sampling sees the true output count."""
+        processed), so sampling sees the true output count. Without sampling info, the caller sets it
+        (`sampling_info()`) before sampling."""
         ctx = self.ctx
         batch = ModelWorkerBatch(
             forward_mode=self.forward_mode,
@@ -308,7 +309,8 @@ class ScheduleBatch:
                     for t in (r.token_type_ids[pre:seq] if r.token_type_ids is not None else [0] * (seq - pre))
                 ]
             return batch
-        batch.sampling_info = SamplingBatchInfo.from_reqs(self.reqs, ctx.vocab_size, ctx.device, inflight_tokens)
+        if with_sampling_info:
+            batch.sampling_info = self.sampling_info(inflight_tokens)
         batch.return_logprob = any(r.return_logprob for r in self.reqs)
         if batch.return_logprob:
             batch.top_logprobs_nums = [r.top_logprobs_num for r in self.reqs]
@@ -318,6 +320,10 @@ class ScheduleBatch:
             batch.input_top_logprobs_num = max(
                 r.top_logprobs_num for r, c in zip(self.reqs, self.input_logprob_counts) if c)
         return batch
+
+
+    def sampling_info(self, inflight_tokens: int = 0) -> SamplingBatchInfo:
+        return SamplingBatchInfo.from_reqs(self.reqs, self.ctx.vocab_size, self.ctx.device, inflight_tokens)
 
 
 class BatchContext:

@@ -11,7 +11,9 @@ ids are read on the device (ModelRunner.last_token_ids), and step N's results ar
 A request that finishes on N's token has then run one step ahead: that token is dropped, and its KV slot
 (written by N+1, for N's token) goes back with the request's others. A step overlaps only when nothing it
 depends on is still on the device (`can_overlap`): the previous step is a decode, no request waits (a
-prefill needs the finished requests' memory and rows), no chunked prefill, no retraction, no penalties.
+prefill needs the finished requests' memory and rows), no chunked prefill, no retraction. Where sampling needs
+the previous tokens on the host (penalties count them, grammars take them), only the forward is queued early:
+the previous step is processed while it runs, and sampling is queued after that.
 Embedding steps overlap too: every request of one finishes with its prefill, so the next batch of waiting
 inputs can be formed and launched while the previous one runs (its rows and KV slots are counted as held
 until its results are processed).
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import zmq
 
@@ -248,7 +250,12 @@ class Scheduler(SchedulerOutputProcessorMixin):
             prev, progressed = None, True
         batch = self.next_batch()  # (sees self.inflight: its rows are still held)
         launched = None
-        if batch is not None:  # every request of an overlapped decode batch has one token on the device
+        if batch is not None and prev is not None and self.sampling_needs_host_tokens(batch):
+            # Penalties count, and grammars take, the previous step's tokens: queue this step's forward, process
+            # the previous step while it runs, then sample with every token on the host.
+            before, prev, progressed = prev, None, True
+            launched = (batch, self.launch_batch(batch, before_sampling=lambda: self.process_batch_result(*before)))
+        elif batch is not None:  # every request of an overlapped decode batch has one token on the device
             inflight_tokens = 1 if prev is not None and not self.is_embedding else 0
             launched = (batch, self.launch_batch(batch, inflight_tokens))
         self.inflight = launched
@@ -281,10 +288,12 @@ class Scheduler(SchedulerOutputProcessorMixin):
             return self.chunked_req is None
         if not prev.forward_mode.is_decode() or self.waiting_queue or self.chunked_req is not None:
             return False
-        if any(r.sampling_params.uses_penalties or r.grammar is not None for r in self.running_reqs):
-            return False  # their next step's sampling needs this step's tokens on the host
         # No retraction: the running requests' next KV slots are free or evictable.
         return decode_tokens_needed(self.running_reqs, self.page_size) <= self.ctx.available_tokens()
+
+    @staticmethod
+    def sampling_needs_host_tokens(batch: ScheduleBatch) -> bool:
+        return any(r.sampling_params.uses_penalties or r.grammar is not None for r in batch.reqs)
 
     def recv_requests(self, block: bool) -> None:
         """Take the messages waiting on the socket (blocking for one when idle). After a batched embedding
@@ -496,14 +505,24 @@ class Scheduler(SchedulerOutputProcessorMixin):
         """Run one batch to the end: launch it, wait for its results, process them."""
         self.process_batch_result(batch, self.launch_batch(batch))
 
-    def launch_batch(self, batch: ScheduleBatch, inflight_tokens: int = 0) -> BatchResult:
-        """Queue the batch's forward (and sampling) on the device; returns without waiting for them."""
+    def launch_batch(self, batch: ScheduleBatch, inflight_tokens: int = 0,
+                     before_sampling: Optional[Callable[[], None]] = None) -> BatchResult:
+        """Queue the batch's forward (and sampling) on the device; returns without waiting for them. With
+        `before_sampling`, the forward is queued first, then that runs (the previous step's results are
+        processed), then the sampling info is built from the requests' host state and sampling is queued."""
         with self.profiler.annotate("sglx::launch_batch"):
-            mwb = batch.get_model_worker_batch(inflight_tokens)
+            mwb = batch.get_model_worker_batch(inflight_tokens, with_sampling_info=before_sampling is None)
             if self.is_embedding:
                 result = self.runner.forward_batch_embedding_async(mwb)
-            else:
+            elif before_sampling is None:
                 result = self.runner.forward_batch_generation(mwb)
+            else:
+                logits = self.runner.forward(mwb)
+        if before_sampling is not None:
+            before_sampling()
+            with self.profiler.annotate("sglx::launch_batch"):
+                mwb.sampling_info = batch.sampling_info()
+                result = self.runner.sample(mwb, logits)
         self.forward_ct += 1
         return result
 

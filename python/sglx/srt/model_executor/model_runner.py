@@ -185,7 +185,12 @@ class ModelRunner:
     def forward_batch_generation(self, batch: ModelWorkerBatch) -> GenerationBatchResult:
         """Forward, sample, record each request's new token in `last_token_ids`, and start copying the
         sampled tokens to the host. Nothing here waits for the device."""
-        logits_output = self.forward(batch)
+        return self.sample(batch, self.forward(batch))
+
+    @torch.inference_mode()
+    def sample(self, batch: ModelWorkerBatch, logits_output: LogitsProcessorOutput) -> GenerationBatchResult:
+        """The sampling half of forward_batch_generation, for logits `forward` already queued (the scheduler
+        runs it apart when the sampling info needs the previous step's tokens, see Scheduler.step)."""
         sampler_output = self.sampler(
             logits_output.next_token_logits, batch.sampling_info,
             return_logprob=batch.return_logprob, top_logprobs_nums=batch.top_logprobs_nums,

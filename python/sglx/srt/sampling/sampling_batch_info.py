@@ -183,8 +183,9 @@ def _min_new_tokens_mask(reqs: Sequence[Any], vocab_size: int, device: torch.dev
 
 
 def _vocab_mask(reqs: Sequence[Any], vocab_size: int, device: torch.device) -> dict:
-    """The next-token bitmasks of the requests with a grammar (filled on the host: the grammar state is there)."""
-    rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+    """The next-token bitmasks of the requests with a grammar (filled on the host: the grammar state is there).
+    A terminated grammar (its request finished on the previous step; this step's token is dropped) has none."""
+    rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.grammar.is_terminated()]
     if not rows:
         return {}
     mask = allocate_vocab_mask(len(rows), vocab_size)

@@ -673,3 +673,15 @@ def test_reasoning_content_is_split_from_the_answer(client, base_url, fake_tm, m
                       json={"messages": MESSAGES, "separate_reasoning": False}).json()
     assert r["choices"][0]["message"]["content"] == THINK_REPLY
     assert r["choices"][0]["message"]["reasoning_content"] is None
+
+
+def test_constrained_output_is_all_answer(client, fake_tm, monkeypatch):
+    """DeepSeek-R1's outputs start inside the reasoning, but a constrained output has no room for thinking."""
+    import types
+
+    monkeypatch.setattr(fake_tm, "server_args", types.SimpleNamespace(reasoning_parser="deepseek-r1"), raising=False)
+    monkeypatch.setitem(globals(), "REPLIES", ['{"a": 1}'])
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format={"type": "json_object"})
+    assert chat.choices[0].message.content == '{"a": 1}' and chat.choices[0].message.reasoning_content is None
+    free = client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert free.choices[0].message.reasoning_content == '{"a": 1}' and free.choices[0].message.content == ""

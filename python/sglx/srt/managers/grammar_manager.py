@@ -79,6 +79,3 @@ class GrammarManager:
             req.finished_reason = finish_abort("aborted by the client")
         return gone
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-

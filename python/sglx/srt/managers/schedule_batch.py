@@ -321,7 +321,6 @@ class ScheduleBatch:
                 r.top_logprobs_num for r, c in zip(self.reqs, self.input_logprob_counts) if c)
         return batch
 
-
     def sampling_info(self, inflight_tokens: int = 0) -> SamplingBatchInfo:
         return SamplingBatchInfo.from_reqs(self.reqs, self.ctx.vocab_size, self.ctx.device, inflight_tokens)
 

@@ -37,9 +37,6 @@ from sglx.srt.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from sglx.srt.entrypoints.openai.serving_base import ChoiceState, GenPlan, OpenAIServingBase
-from sglx.srt.function_call.base_format_detector import ParseResult, ToolCallItem
-from sglx.srt.function_call.tool_plan import ToolPlan
-from sglx.srt.reasoning_parser import REASONING_PARSERS, ReasoningStream, split_reasoning
 from sglx.srt.entrypoints.openai.utils import (
     TokenLogprob,
     finish_reason_str,
@@ -47,6 +44,9 @@ from sglx.srt.entrypoints.openai.utils import (
     matched_stop,
     to_chat_logprobs,
 )
+from sglx.srt.function_call.base_format_detector import ParseResult, ToolCallItem
+from sglx.srt.function_call.tool_plan import ToolPlan
+from sglx.srt.reasoning_parser import REASONING_PARSERS, ReasoningStream, split_reasoning
 
 # Keys of apply_chat_template that this layer decides; chat_template_kwargs may not override them.
 _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "add_generation_prompt", "continue_final_message",
@@ -153,7 +153,9 @@ class OpenAIServingChat(OpenAIServingBase):
         )
         plan.tools = tools
         parser = getattr(server_args, "reasoning_parser", None)
-        if parser is not None and req.separate_reasoning is not False:
+        constrained = any(k in sampling for k in ("json_schema", "regex", "ebnf"))
+        if parser is not None and req.separate_reasoning is not False and not constrained:
+            # (A constrained output is all answer: the grammar leaves no room for a thinking part.)
             plan.reasoning = REASONING_PARSERS[parser]
         return plan
 

@@ -78,8 +78,8 @@ class SamplingBatchInfo:
                   ) -> "SamplingBatchInfo":
         """`inflight_tokens`: tokens each request sampled on the device that are not in its output_ids yet
         (the overlap schedule launches a step before the previous one's tokens reach the host). They count
-        for the seeded position and min_new_tokens; penalties need the ids themselves, so a batch with
-        penalties must not be built with inflight tokens."""
+        for the seeded position and min_new_tokens; penalties and grammars need the ids themselves, so a batch
+        with either must not be built with inflight tokens."""
         sps = [r.sampling_params for r in reqs]
         greedy = [sp.top_k == 1 for sp in sps]
         sampled = [sp for sp, g in zip(sps, greedy) if not g]
@@ -95,9 +95,11 @@ class SamplingBatchInfo:
         any_seeded = any(s >= 0 for s in seed_list)
 
         if inflight_tokens and any(sp.uses_penalties for sp in sps):
-            raise ValueError("penalties need every output id on the host: run this step without overlap")
+            raise ValueError("penalties need every output id on the host: build this after the previous step's "
+                             "results are processed (Scheduler.launch_batch's before_sampling)")
         if inflight_tokens and any(r.grammar is not None for r in reqs):
-            raise ValueError("a grammar needs every output id on the host: run this step without overlap")
+            raise ValueError("a grammar needs every output id on the host: build this after the previous step's "
+                             "results are processed (Scheduler.launch_batch's before_sampling)")
         freq = [sp.frequency_penalty for sp in sps]
         pres = [sp.presence_penalty for sp in sps]
         rep = [sp.repetition_penalty for sp in sps]

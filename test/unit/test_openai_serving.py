@@ -512,6 +512,12 @@ def test_mid_stream_error_then_done(base_url, client, fake_tm):
     assert fake_tm.aborted == [fake_tm.received[-1].rid]  # the unfinished request was released
     with pytest.raises(openai.APIError):
         list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+    # The server releases the chat request once its stream ends, after the client has already raised: wait for
+    # it here (it once landed in the next test's list of aborts).
+    deadline = time.time() + 5
+    while len(fake_tm.aborted) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert fake_tm.aborted[-1] == fake_tm.received[-1].rid
 
 
 @pytest.mark.parametrize("stream", [False, True])

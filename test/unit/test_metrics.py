@@ -63,8 +63,31 @@ def test_requests_render_as_prometheus_reads_them():
     # Gauges from the scheduler's state: used = total - free - evictable.
     assert value(p, "sglx:num_running_reqs") == 3 and value(p, "sglx:num_queue_reqs") == 5
     assert value(p, "sglx:num_used_tokens") == 250 and value(p, "sglx:token_usage") == pytest.approx(0.25)
-    assert value(p, "sglx:cache_hit_rate") == pytest.approx(4 / 40)
+    assert value(p, "sglx:cache_hit_rate") == pytest.approx(4 / 40)  # (both ended within the window)
     assert value(p, "sglx:num_retracted_reqs") == 2
+
+
+def test_throughput_and_hit_rate_cover_the_recent_window():
+    now = [100.0]
+    m = TokenizerMetricsCollector('my "model"', clock=lambda: now[0], window_s=30.0)
+    now[0] = 110.0
+    m.observe_output(0.5, 0.0, 0)  # 1 token
+    m.observe_output(None, 1.0, 9)  # 9 more
+    m.observe_finished(2.0, prompt_tokens=100, completion_tokens=10, cached_tokens=0, aborted=False)
+    p = parse(m.render({**STATE, "num_grammar_queue_reqs": 4}))
+    assert value(p, "sglx:gen_throughput") == pytest.approx(10 / 10)  # 10 tokens in the 10 s since start
+    assert value(p, "sglx:cache_hit_rate") == 0 and value(p, "sglx:num_grammar_queue_reqs") == 4
+    now[0] = 135.0
+    m.observe_output(0.2, 0.5, 4)  # 5 tokens
+    m.observe_finished(1.0, prompt_tokens=100, completion_tokens=5, cached_tokens=80, aborted=False)
+    p = parse(m.render(STATE))
+    assert value(p, "sglx:gen_throughput") == pytest.approx(15 / 30)
+    assert value(p, "sglx:cache_hit_rate") == pytest.approx(80 / 200)
+    now[0] = 141.0  # the first request's events are more than 30 s old now
+    p = parse(m.render(STATE))
+    assert value(p, "sglx:gen_throughput") == pytest.approx(5 / 30)
+    assert value(p, "sglx:cache_hit_rate") == pytest.approx(80 / 100)
+    assert value(p, "sglx:cached_tokens_total") == 80  # (the counters still count since start)
 
 
 def test_histogram_buckets_are_cumulative_and_bounds_inclusive():

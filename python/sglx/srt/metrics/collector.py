@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any, Dict, List, Optional, Sequence
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 PREFIX = "sglx:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -21,6 +23,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2,
                0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0)
+# Seconds over which gen_throughput and cache_hit_rate are measured (SGLang reports both per log interval).
+RECENT_WINDOW_S = 30.0
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 2400.0)
 
 
@@ -81,6 +85,23 @@ class Histogram:
         return lines
 
 
+class RecentSums:
+    """Sums of values recorded over the last `window_s` seconds."""
+
+    def __init__(self, window_s: float, width: int) -> None:
+        self.window_s = window_s
+        self.width = width
+        self.events: Deque[Tuple[float, Tuple[float, ...]]] = deque()
+
+    def add(self, now: float, *values: float) -> None:
+        self.events.append((now, values))
+
+    def sums(self, now: float) -> List[float]:
+        while self.events and self.events[0][0] < now - self.window_s:
+            self.events.popleft()
+        return [sum(v[k] for _, v in self.events) for k in range(self.width)]
+
+
 def render_gauge(name: str, doc: str, value: float, labels: Dict[str, str]) -> List[str]:
     return [f"# HELP {PREFIX}{name} {doc}", f"# TYPE {PREFIX}{name} gauge", f"{PREFIX}{name}{_labels(labels)} {_num(value)}"]
 
@@ -88,8 +109,13 @@ def render_gauge(name: str, doc: str, value: float, labels: Dict[str, str]) -> L
 class TokenizerMetricsCollector:
     """What the TokenizerManager records per request; `render` adds the scheduler's gauges."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, clock: Callable[[], float] = time.monotonic,
+                 window_s: float = RECENT_WINDOW_S) -> None:
         self.labels = {"model_name": model_name}
+        self.clock = clock
+        self.started = clock()
+        self.recent_tokens = RecentSums(window_s, 1)  # output tokens as they reach the manager
+        self.recent_prompts = RecentSums(window_s, 2)  # (prompt tokens, cached tokens) of requests that ended
         self.prompt_tokens = Counter("prompt_tokens_total", "Number of prefill tokens processed.")
         self.generation_tokens = Counter("generation_tokens_total", "Number of generation tokens processed.")
         self.cached_tokens = Counter("cached_tokens_total", "Number of prompt tokens served from the prefix cache.")
@@ -107,6 +133,7 @@ class TokenizerMetricsCollector:
         token, and `later_tokens` tokens after the first that arrived over `span` seconds (evenly spread)."""
         if ttft is not None:
             self.ttft.observe(ttft)
+        self.recent_tokens.add(self.clock(), later_tokens + (ttft is not None))
         if later_tokens > 0:
             self.itl.observe(span / later_tokens, later_tokens)
 
@@ -116,6 +143,7 @@ class TokenizerMetricsCollector:
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.cached_tokens.inc(cached_tokens)
+        self.recent_prompts.add(self.clock(), prompt_tokens, cached_tokens)
         if aborted:
             self.aborted.inc()
         self.e2e.observe(e2e)
@@ -132,14 +160,21 @@ class TokenizerMetricsCollector:
         total = float(st.get("max_total_num_tokens", 0) or 0)
         # Tokens held by running requests (protected) count as used; the evictable prefix cache does not.
         used = total - float(st.get("available_kv_tokens", 0)) - float(st.get("evictable_kv_tokens", 0))
-        prompt = self.prompt_tokens.value
+        now = self.clock()
+        (tokens,) = self.recent_tokens.sums(now)
+        prompt, cached = self.recent_prompts.sums(now)
+        span = min(self.recent_tokens.window_s, now - self.started)
         gauges = [
             ("num_running_reqs", "The number of running requests.", st.get("num_running_reqs", 0)),
             ("num_queue_reqs", "The number of requests in the waiting queue.", st.get("num_waiting_reqs", 0)),
             ("num_used_tokens", "The number of KV cache tokens held by running requests.", max(used, 0.0)),
             ("token_usage", "The fraction of the KV cache held by running requests.", max(used, 0.0) / total if total else 0.0),
-            ("cache_hit_rate", "Prompt tokens served from the prefix cache over all prompt tokens (since start).",
-             self.cached_tokens.value / prompt if prompt else 0.0),
+            ("gen_throughput", f"Output tokens per second over the last {self.recent_tokens.window_s:g} s.",
+             tokens / span if span > 0 else 0.0),
+            ("cache_hit_rate", "Prompt tokens served from the prefix cache over all prompt tokens of the requests "
+             f"that ended in the last {self.recent_prompts.window_s:g} s.", cached / prompt if prompt else 0.0),
+            ("num_grammar_queue_reqs", "The number of requests waiting for their grammar to compile.",
+             st.get("num_grammar_queue_reqs", 0)),
             ("num_retracted_reqs", "Requests retracted because the KV cache ran out (since start).",
              st.get("num_retracted_reqs", 0)),
         ]

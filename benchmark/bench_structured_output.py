@@ -83,10 +83,11 @@ def main() -> None:
     p.add_argument("--items", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--schedules", nargs="+", choices=["overlap", "sync"], default=["overlap", "sync"])
     p.add_argument("--out")
     args = p.parse_args()
     rows: List[dict] = []
-    for overlap in (True, False):
+    for overlap in [name == "overlap" for name in args.schedules]:
         s = build(args.config, args.tokenizer, overlap, args.num_requests, args.device)
         for mode in ("free", "json"):
             run(s, mode, args, seed=0)  # warm-up

@@ -186,11 +186,13 @@ def test_bad_constraint_and_abort_in_the_grammar_queue(tmp_path):
     _submit(s, "gone", {"regex": "[a-z]{5}"})
     s.process_input(AbortReq(rid="gone"))  # aborted before its grammar was taken from the queue
     _submit(s, "short", {"regex": "[a-z]+"}, max_new=3)
+    _submit(s, "empty", {"ebnf": "root ::= root"})  # compiles, but allows no first token
     outputs = {}
     finished = run_until_idle(s, outputs=outputs)
     assert finished["bad"][0]["type"] == "abort" and finished["bad"][0]["status_code"] == 400
     assert "Unclosed" in finished["bad"][0]["message"]
     assert finished["gone"][0] == {"type": "abort", "message": "aborted by the client", "status_code": 400}
+    assert finished["empty"][0]["status_code"] == 400 and "matches no output" in finished["empty"][0]["message"]
     assert finished["short"][0]["type"] == "length"  # max_new_tokens ends it before the grammar does
     assert re.fullmatch("[a-z]+", s.tokenizer.decode(outputs["short"]))
     assert s.internal_state()["num_grammar_queue_reqs"] == 0 and s.is_idle()
@@ -212,3 +214,18 @@ def test_one_compile_per_distinct_spec(tmp_path, monkeypatch):
         _submit(s, str(i), {"regex": "[0-9]{2}" if i % 2 else "[a-z]{2}"}, max_new=8)
     finished = run_until_idle(s)
     assert len(finished) == 6 and sorted(calls) == [("regex", "[0-9]{2}"), ("regex", "[a-z]{2}")]
+
+
+def test_a_grammar_left_with_no_allowed_token_aborts(tmp_path):
+    """min_new_tokens forbids the stop token that the finished grammar `a` requires: every logit is -inf, so
+    the argmax is not the model's choice; the request ends aborted, saying why, and its KV goes back."""
+    s = make_scheduler(tmp_path, max_total_tokens=4096)
+    sp = SamplingParams(max_new_tokens=8, min_new_tokens=3, temperature=0.0, regex="a")
+    sp.verify()
+    sp.normalize()
+    s.process_input(TokenizedGenerateReqInput("r", None, list(range(100, 110)), sp))
+    outputs = {}
+    finished = run_until_idle(s, outputs=outputs)
+    assert finished["r"][0]["type"] == "abort" and "no continuation" in finished["r"][0]["message"]
+    assert s.tokenizer.decode(outputs["r"][:1]) == "a" and len(outputs["r"]) == 2
+    assert s.internal_state()["kv_leak_free"]

@@ -46,8 +46,11 @@ class BaseGrammarObject(ABC):
 
 
 class BaseGrammarBackend(ABC):
-    """Compiles constraints for one tokenizer and vocabulary. `compile` runs on the grammar manager's worker
-    thread, never on the scheduler's; it raises GrammarError for a spec it cannot compile."""
+    """Compiles constraints for one tokenizer and vocabulary (`vocab_size`, the model's: the masks' width).
+    `compile` runs on the grammar manager's worker thread, never on the scheduler's; it raises GrammarError for
+    a spec it cannot compile."""
+
+    vocab_size: int
 
     @abstractmethod
     def compile(self, key: GrammarKey) -> BaseGrammarObject:

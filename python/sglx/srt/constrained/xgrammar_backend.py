@@ -47,6 +47,7 @@ class XGrammarBackend(BaseGrammarBackend):
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=stop_token_ids or None)
         self.compiler = xgrammar.GrammarCompiler(info)
+        self.vocab_size = vocab_size
         self.any_whitespace = any_whitespace
 
     def compile(self, key: GrammarKey) -> XGrammarObject:

@@ -12,7 +12,13 @@ import concurrent.futures as cf
 from collections import OrderedDict
 from typing import Callable, List, Optional, Tuple
 
-from sglx.srt.constrained.base_grammar_backend import BaseGrammarBackend, BaseGrammarObject, GrammarError, GrammarKey
+from sglx.srt.constrained.base_grammar_backend import (
+    BaseGrammarBackend,
+    BaseGrammarObject,
+    GrammarError,
+    GrammarKey,
+    allocate_vocab_mask,
+)
 from sglx.srt.managers.schedule_batch import Req, finish_abort
 
 CACHE_SIZE = 1024  # distinct specs kept compiled
@@ -47,7 +53,12 @@ class GrammarManager:
             self._backend = self._make_backend()
             if self._backend is None:
                 raise GrammarError("structured output is off on this server (--grammar-backend none)")
-        return self._backend.compile(key)
+        grammar = self._backend.compile(key)
+        mask = allocate_vocab_mask(1, self._backend.vocab_size)
+        grammar.copy().fill_vocab_mask(mask, 0)
+        if not mask.any():  # e.g. `root ::= root`: it compiles, but no output can ever match it
+            raise GrammarError(f"the {key[0]} constraint matches no output: not even its first token is allowed")
+        return grammar
 
     def take_ready(self, timeout: float = 0.0) -> Tuple[List[Req], List[Req]]:
         """Requests whose grammar is compiled (each with its own `req.grammar`) and requests whose constraint

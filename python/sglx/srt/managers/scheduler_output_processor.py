@@ -31,7 +31,7 @@ class SchedulerOutputProcessorMixin:
 
     def _append_token(self, i: int, req: Req, out: HostSamplerOutput) -> None:
         tok = out.next_token_ids[i]
-        req.output_ids.append(tok)
+        req.output_ids.append(tok)  # (kept even when refused below: an overlapped step may hold its KV slot)
         if req.grammar is not None and not req.grammar.accept_token(tok):
             # Only a grammar with no allowed token left gets here (its mask allowed nothing, so argmax chose).
             req.to_abort = f"the grammar allows no continuation of the output (token {tok})"

@@ -1,4 +1,4 @@
-"""Structured output's cost in decode, and what the overlap schedule wins back for it (the scheduler in-process).
+"""Structured output's (and penalties') cost in decode, and what the overlap schedule wins back (the scheduler in-process).
 
     python benchmark/bench_structured_output.py --config benchmark/configs/qwen3-0.6b --tokenizer DIR --out so.json
 
@@ -9,7 +9,8 @@ seeded) and reports output tokens per second of wall time from the first step to
 
   * free: no constraint, `ignore_eos`, --max-new-tokens tokens each;
   * json: each request constrained to a JSON list of exactly --items words out of three (about five tokens an
-    item), so every request writes a list and stops on its grammar.
+    item), so every request writes a list and stops on its grammar;
+  * penalty: as free, with a frequency penalty of 0.5 (its sampling also needs the previous tokens on the host).
 
 Under overlap, a json step queues its forward before the previous step's tokens reach the host and fills the
 grammars' masks while it runs (Scheduler.step); without overlap every step waits for the previous one.
@@ -55,7 +56,8 @@ def run(s: Scheduler, mode: str, args: argparse.Namespace, seed: int) -> Dict[st
     schema = json.dumps({"type": "array", "items": {"enum": ["alpha", "beta", "gamma"]},
                          "minItems": args.items, "maxItems": args.items})
     for i in range(args.num_requests):
-        extra = {"json_schema": schema} if mode == "json" else {"ignore_eos": True}
+        extra = {"json": {"json_schema": schema}, "free": {"ignore_eos": True},
+                 "penalty": {"ignore_eos": True, "frequency_penalty": 0.5}}[mode]
         sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, sampling_seed=seed * 1000 + i,
                             **extra)
         sp.verify()
@@ -83,13 +85,14 @@ def main() -> None:
     p.add_argument("--items", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--modes", nargs="+", choices=["free", "json", "penalty"], default=["free", "json", "penalty"])
     p.add_argument("--schedules", nargs="+", choices=["overlap", "sync"], default=["overlap", "sync"])
     p.add_argument("--out")
     args = p.parse_args()
     rows: List[dict] = []
     for overlap in [name == "overlap" for name in args.schedules]:
         s = build(args.config, args.tokenizer, overlap, args.num_requests, args.device)
-        for mode in ("free", "json"):
+        for mode in args.modes:
             run(s, mode, args, seed=0)  # warm-up
             runs = [run(s, mode, args, seed=r + 1) for r in range(args.repeats)]
             row = {"overlap": overlap, "mode": mode,

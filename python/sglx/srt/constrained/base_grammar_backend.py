@@ -18,7 +18,6 @@ import torch
 
 # ("json" | "regex" | "ebnf", the spec as the request gave it): what a compiled grammar is cached under.
 GrammarKey = Tuple[str, str]
-GRAMMAR_KINDS = ("json", "regex", "ebnf")
 
 
 class GrammarError(ValueError):

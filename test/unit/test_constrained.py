@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 
 import pytest
 import torch
@@ -26,7 +27,9 @@ from sglx.test.scheduler_utils import make_scheduler, run_until_idle
 
 xgr = pytest.importorskip("xgrammar")
 
-PERSON = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"},
+# Every field bounded: random weights would otherwise write digits of "n" until max_new_tokens.
+PERSON = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 99},
                                            "tag": {"enum": ["alpha", "beta"]}},
           "required": ["ok", "n", "tag"]}
 
@@ -115,7 +118,9 @@ def test_sampler_only_draws_allowed_tokens(backend, all_greedy):
 
 
 def _submit(s, rid, constraint, max_new=64, prompt_len=30, **kw):
-    sp = SamplingParams(max_new_tokens=max_new, temperature=1.0, sampling_seed=hash(rid) % 1000, **constraint, **kw)
+    # (zlib, not hash(): str hashes change from process to process, and so would the outputs)
+    sp = SamplingParams(max_new_tokens=max_new, temperature=1.0, sampling_seed=zlib.crc32(rid.encode()) % 1000,
+                        **constraint, **kw)
     sp.verify()
     sp.normalize()
     s.process_input(TokenizedGenerateReqInput(rid, None, list(range(100, 100 + prompt_len)), sp))
@@ -125,6 +130,7 @@ def _check_person(text):
     obj = json.loads(text)
     assert set(obj) == {"ok", "n", "tag"}, obj
     assert isinstance(obj["ok"], bool) and isinstance(obj["n"], int) and obj["tag"] in ("alpha", "beta")
+    assert 0 <= obj["n"] <= 99
 
 
 CONSTRAINTS = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
+from sglx.srt.utils import partial_prefix_len
+
 
 @dataclass(frozen=True)
 class ReasoningFormat:
@@ -24,14 +26,6 @@ REASONING_PARSERS: Dict[str, ReasoningFormat] = {
     "qwen3": ReasoningFormat(),
     "deepseek-r1": ReasoningFormat(starts_in_reasoning=True),
 }
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that is a proper prefix of `tag`."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
 
 
 class ReasoningStream:
@@ -59,7 +53,7 @@ class ReasoningStream:
         if self.state == "reasoning":
             end = self.buffer.find(self.fmt.end)
             if end < 0:
-                keep = _partial_suffix(self.buffer, self.fmt.end)
+                keep = partial_prefix_len(self.buffer, self.fmt.end)
                 reasoning, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
                 return reasoning, ""
             reasoning, self.buffer = self.buffer[:end], self.buffer[end + len(self.fmt.end):]

@@ -32,6 +32,15 @@ class PortArgs:
         return [a[len("ipc://"):] for a in (self.scheduler_input_ipc, self.detokenizer_ipc, self.tokenizer_ipc)]
 
 
+def partial_prefix_len(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is a proper prefix of `tag` (text that may still become
+    `tag` once more arrives)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
 def get_zmq_socket(ctx: zmq.Context, kind: int, endpoint: str, bind: bool) -> zmq.Socket:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)

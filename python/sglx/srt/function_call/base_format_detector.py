@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Collection, List, Optional, Tuple
 
+from sglx.srt.utils import partial_prefix_len
+
 logger = logging.getLogger(__name__)
 
 
@@ -109,13 +111,7 @@ class ToolCallStream:
         """How much of the buffer's end could still become the start of a call."""
         if self.detector.bare_start and not self.sent_text and not self.buffer.strip():
             return len(self.buffer)
-        keep = 0
-        for marker in self.detector.start_markers:
-            for k in range(min(len(marker) - 1, len(self.buffer)), keep, -1):
-                if self.buffer.endswith(marker[:k]):
-                    keep = k
-                    break
-        return keep
+        return max((partial_prefix_len(self.buffer, m) for m in self.detector.start_markers), default=0)
 
     def _add_calls(self, out: ParseResult, region: str) -> None:
         calls = self.detector.parse_calls(region)

@@ -62,6 +62,7 @@ from sglx.srt.mem_cache.radix_cache import RadixCache
 from sglx.srt.model_executor.batch_result import BatchResult
 from sglx.srt.model_executor.forward_batch import ForwardMode
 from sglx.srt.model_executor.model_runner import ModelRunner
+from sglx.srt.sampling.sampling_batch_info import needs_output_ids
 from sglx.srt.sampling.sampling_params import SamplingParams
 from sglx.srt.server_args import ServerArgs
 from sglx.srt.utils import PortArgs, get_zmq_socket
@@ -293,7 +294,7 @@ class Scheduler(SchedulerOutputProcessorMixin):
 
     @staticmethod
     def sampling_needs_host_tokens(batch: ScheduleBatch) -> bool:
-        return any(r.sampling_params.uses_penalties or r.grammar is not None for r in batch.reqs)
+        return any(needs_output_ids(r) for r in batch.reqs)
 
     def recv_requests(self, block: bool) -> None:
         """Take the messages waiting on the socket (blocking for one when idle). After a batched embedding

@@ -94,12 +94,9 @@ class SamplingBatchInfo:
         seed_list = [-1 if sp.sampling_seed is None else sp.sampling_seed & _SEED_MASK for sp in sps]
         any_seeded = any(s >= 0 for s in seed_list)
 
-        if inflight_tokens and any(sp.uses_penalties for sp in sps):
-            raise ValueError("penalties need every output id on the host: build this after the previous step's "
-                             "results are processed (Scheduler.launch_batch's before_sampling)")
-        if inflight_tokens and any(r.grammar is not None for r in reqs):
-            raise ValueError("a grammar needs every output id on the host: build this after the previous step's "
-                             "results are processed (Scheduler.launch_batch's before_sampling)")
+        if inflight_tokens and any(needs_output_ids(r) for r in reqs):
+            raise ValueError("penalties and grammars need every output id on the host: build this after the "
+                             "previous step's results are processed (Scheduler.launch_batch's before_sampling)")
         freq = [sp.frequency_penalty for sp in sps]
         pres = [sp.presence_penalty for sp in sps]
         rep = [sp.repetition_penalty for sp in sps]
@@ -133,6 +130,12 @@ class SamplingBatchInfo:
             seeded_rows=i64([i for i, s in enumerate(seed_list) if s >= 0]) if any_seeded else None,
             **_vocab_mask(reqs, vocab_size, device),
         )
+
+
+def needs_output_ids(req: Any) -> bool:
+    """Whether sampling for `req` reads its output ids themselves (penalties count them, a grammar has taken
+    them), not only how many there are."""
+    return req.sampling_params.uses_penalties or req.grammar is not None
 
 
 def _flat_indices(rows: Sequence[Iterable[int]], vocab_size: int) -> torch.Tensor:

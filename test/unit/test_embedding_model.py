@@ -230,7 +230,8 @@ def test_pooling_modes_vs_hand_computed():
     torch.manual_seed(0)
     lens = [3, 1, 5]
     h = torch.randn(sum(lens), 4)
-    fb = SimpleNamespace(batch_size=3, extend_seq_lens=torch.tensor(lens), extend_start_loc=torch.tensor([0, 3, 4]))
+    fb = SimpleNamespace(batch_size=3, extend_seq_lens=torch.tensor(lens), extend_start_loc=torch.tensor([0, 3, 4]),
+                         out_rows=None)
     rows = [[h[i].tolist() for i in range(0, 3)], [h[3].tolist()], [h[i].tolist() for i in range(4, 9)]]
     want = {
         PoolingType.LAST: [r[-1] for r in rows],

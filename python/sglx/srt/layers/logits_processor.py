@@ -36,8 +36,8 @@ class LogitsProcessor(nn.Module):
         self.softcap = final_logit_softcapping
 
     def forward(self, hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, fb: "ForwardBatch") -> LogitsProcessorOutput:
-        if fb.forward_mode.is_decode():
-            last = hidden_states
+        if fb.forward_mode.is_decode() or fb.out_rows is not None:
+            last = hidden_states  # one row per request already (the model kept only ForwardBatch.out_rows)
         else:
             last = hidden_states[fb.extend_start_loc + fb.extend_seq_lens - 1]
         out = LogitsProcessorOutput(next_token_logits=self.logits(last, lm_head_weight), hidden_states=last)

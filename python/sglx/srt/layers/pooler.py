@@ -127,12 +127,24 @@ class Pooler(nn.Module):
         super().__init__()
         self.config = config
 
+    def rows(self, fb: "ForwardBatch") -> Optional[torch.Tensor]:
+        """The one row per request that last / cls pooling reads (ForwardBatch.out_rows), None for mean."""
+        if self.config.pooling == PoolingType.LAST:
+            return fb.last_token_rows()
+        return fb.extend_start_loc if self.config.pooling == PoolingType.CLS else None
+
     def forward(self, hidden_states: torch.Tensor, fb: "ForwardBatch") -> torch.Tensor:
-        """hidden_states [num_tokens, hidden] -> [batch_size, hidden] float32."""
+        """hidden_states [num_tokens, hidden] (or [batch_size, hidden], the rows of `fb.out_rows` when the model
+        kept only those) -> [batch_size, hidden] float32."""
         h = hidden_states.float()
         starts, lens = fb.extend_start_loc, fb.extend_seq_lens
         kind = self.config.pooling
-        if kind == PoolingType.LAST:
+        if fb.out_rows is not None:
+            if h.shape[0] != fb.batch_size:
+                raise RuntimeError(f"ForwardBatch.out_rows is set but the model returned {h.shape[0]} rows for "
+                                   f"{fb.batch_size} requests: it does not honour out_rows")
+            pooled = h
+        elif kind == PoolingType.LAST:
             pooled = h[starts + lens - 1]
         elif kind == PoolingType.CLS:
             pooled = h[starts]

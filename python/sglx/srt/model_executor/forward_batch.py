@@ -93,7 +93,17 @@ class ForwardBatch:
     # attention runs on this batch's raw k/v, varlen over requests, the queries' cumulative lengths used for
     # the keys too (no request has a cached prefix). The KV pool is a NoOpKVPool: nothing may write or read it.
     skip_kv_cache: bool = False
+    # The token rows whose final hidden states are read, one per request in request order, or None for all
+    # rows. Set by the model runner for extend batches that read only each request's last token (next-token
+    # logits) or one pooled token (last/cls pooling), and only for models whose `supports_output_rows` is
+    # True: their last layer then runs everything after its attention (o_proj, residual, MLP) on these rows
+    # only, and the model returns [len(out_rows), hidden]. Every layer's k/v is still computed for all tokens.
+    out_rows: Optional[torch.Tensor] = None
     extra: dict = field(default_factory=dict)  # per-backend scratch metadata
+
+    def last_token_rows(self) -> torch.Tensor:
+        """[bs] the row of each request's last new token."""
+        return self.extend_start_loc + self.extend_seq_lens - 1
 
     @classmethod
     def init_new(cls, b: ModelWorkerBatch, runner: Any) -> "ForwardBatch":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import os
+from typing import Callable, Optional
 
 import torch
 
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 # Without a GPU there is no memory to profile; this many KV tokens is a few hundred MB for small models.
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 32768
 
+# Set to 1 to run every model's last layer on all rows (ForwardBatch.out_rows never set): A/B measurement only.
+ALL_OUTPUT_ROWS_ENV = "SGLX_ALL_OUTPUT_ROWS"
 
 
 # Attention backends whose extend path runs on the raw k/v when ForwardBatch.skip_kv_cache is set (they then
@@ -178,8 +181,20 @@ class ModelRunner:
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
             return self.cuda_graph_runner.replay(batch)
         fb = ForwardBatch.init_new(batch, self)
+        if fb.input_logprob_indices is None:  # next-token logits read only each request's last row
+            fb.out_rows = self.output_rows(self.model, fb, fb.last_token_rows)
         self.attn_backend.init_forward_metadata(fb)
         return self.model.forward(fb.input_ids, fb.positions, fb)
+
+    def output_rows(
+        self, model: torch.nn.Module, fb: ForwardBatch, rows: Callable[[], Optional[torch.Tensor]]
+    ) -> Optional[torch.Tensor]:
+        """ForwardBatch.out_rows for an extend batch whose reader needs only `rows()`: set where the model honours
+        it (`supports_output_rows`), every request has a new token, and SGLX_ALL_OUTPUT_ROWS is not 1."""
+        if (not getattr(model, "supports_output_rows", False) or not fb.forward_mode.is_extend()
+                or min(fb.extend_seq_lens_cpu, default=0) == 0 or os.environ.get(ALL_OUTPUT_ROWS_ENV, "0") == "1"):
+            return None
+        return rows()
 
     @torch.inference_mode()
     def forward_batch_generation(self, batch: ModelWorkerBatch) -> GenerationBatchResult:
@@ -212,6 +227,8 @@ class ModelRunner:
         if self.pooler is None:
             raise RuntimeError("this model runner was not built for an embedding model")
         fb = ForwardBatch.init_new(batch, self)
+        trunk = embedding_trunk(self.model)
+        fb.out_rows = self.output_rows(trunk, fb, lambda: self.pooler.rows(fb))
         self.attn_backend.init_forward_metadata(fb)
-        hidden_states = embedding_trunk(self.model)(fb.input_ids, fb.positions, fb)
+        hidden_states = trunk(fb.input_ids, fb.positions, fb)
         return self.pooler(hidden_states, fb)

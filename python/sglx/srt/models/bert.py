@@ -84,8 +84,12 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, layer_id)  # transformers' name: attention.self.*
         self.output = BertDenseLayerNorm(config.hidden_size, config)
 
-    def forward(self, hidden_states: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        return self.output(self.self(hidden_states, fb), hidden_states)
+    def forward(self, hidden_states: torch.Tensor, fb: ForwardBatch, out_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """With `out_rows`, everything after attention (dense, residual, LayerNorm) runs on those rows only."""
+        context = self.self(hidden_states, fb)
+        if out_rows is not None:
+            context, hidden_states = context.index_select(0, out_rows), hidden_states.index_select(0, out_rows)
+        return self.output(context, hidden_states)
 
 
 class BertIntermediate(nn.Module):
@@ -107,8 +111,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertDenseLayerNorm(config.intermediate_size, config)
 
-    def forward(self, hidden_states: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        attn = self.attention(hidden_states, fb)
+    def forward(self, hidden_states: torch.Tensor, fb: ForwardBatch, out_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        attn = self.attention(hidden_states, fb, out_rows)
         return self.output(self.intermediate(attn), attn)
 
 
@@ -121,6 +125,8 @@ class BertEncoder(nn.Module):
 class BertModel(nn.Module):
     # The model runner pools `forward`'s output directly (a causal LM is pooled through its `.model` trunk).
     forward_returns_hidden_states = True
+    # Honours ForwardBatch.out_rows: the last layer keeps only the pooled rows after its attention.
+    supports_output_rows = True
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -140,8 +146,9 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         token_type_ids = fb.token_type_ids if fb.token_type_ids is not None else torch.zeros_like(input_ids)
         hidden_states = self.embeddings(input_ids, self.position_ids(input_ids, positions), token_type_ids)
-        for layer in self.encoder.layer:
-            hidden_states = layer(hidden_states, fb)
+        last = len(self.encoder.layer) - 1
+        for i, layer in enumerate(self.encoder.layer):
+            hidden_states = layer(hidden_states, fb, fb.out_rows if i == last else None)
         return hidden_states
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:

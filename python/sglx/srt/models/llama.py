@@ -74,7 +74,11 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, fb: ForwardBatch,
+        out_rows: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Attention of every token; with `out_rows`, o_proj runs on (and the result holds) those rows only."""
         qkv = self.qkv_proj(hidden_states)
         # Column views of qkv (rows qkv-width apart): every attention backend takes such row-strided q/k/v.
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -82,7 +86,8 @@ class LlamaAttention(nn.Module):
             q, k = qk_norm_rope(positions, q, k, self.q_norm, self.k_norm, self.rotary_emb)
         else:
             q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, fb))
+        out = self.attn(q, k, v, fb)
+        return self.o_proj(out if out_rows is None else out.index_select(0, out_rows))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -98,20 +103,28 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, fb: ForwardBatch, residual: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, fb: ForwardBatch, residual: Optional[torch.Tensor],
+        out_rows: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """With `out_rows` (the last layer of a batch that reads only those rows): everything after attention
+        runs on those rows only."""
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, fb)
+        hidden_states = self.self_attn(positions, hidden_states, fb, out_rows)
+        if out_rows is not None:
+            residual = residual.index_select(0, out_rows)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
 
 class LlamaModel(nn.Module):
     layer_cls = LlamaDecoderLayer
+    # Honours ForwardBatch.out_rows: the rows after the last layer's attention that nobody reads are dropped
+    # there (a causal model's last layer feeds only the final norm, so its k/v is all the other tokens need).
+    supports_output_rows = True
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -122,14 +135,16 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, fb, residual)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden_states, residual = layer(positions, hidden_states, fb, residual, fb.out_rows if i == last else None)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
 
 class LlamaForCausalLM(nn.Module):
     model_cls = LlamaModel
+    supports_output_rows = True  # the trunk drops the rows; the logits processor then takes them all
 
     def __init__(self, config: Any) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -77,7 +77,7 @@ def run_case(runner: ModelRunner, bs: int, length: int, args: argparse.Namespace
             "max_abs_diff": float((outs[True] - outs[False]).abs().max())}
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", required=True, help="HF directory (config.json is enough: dummy weights)")
     p.add_argument("--dtype", default="bfloat16")
@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=["8:2048", "1:8192"], metavar="BS:LEN")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--result-file", default=None, help="JSON lines, appended")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cases = [tuple(int(x) for x in c.split(":")) for c in args.cases]
     runner = build_runner(args, max(bs * n for bs, n in cases))
     name = torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu"

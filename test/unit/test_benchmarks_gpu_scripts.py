@@ -230,6 +230,24 @@ def test_bench_embedding_end_to_end(qwen3_dir, tmp_path):
     assert _no_engine_children()
 
 
+# ------------------------------------------------------------------------------------------ bench_output_rows
+@pytest.mark.parametrize("embedding", [False, True])
+def test_bench_output_rows_times_both_sides_and_restores_the_switch(qwen3_dir, tmp_path, embedding):
+    import bench_output_rows as bo
+
+    from sglx.srt.model_executor.model_runner import ALL_OUTPUT_ROWS_ENV
+
+    out = tmp_path / "rows.jsonl"
+    bo.main(["--model-path", qwen3_dir, "--device", "cpu", "--dtype", "float32", "--cases", "2:24", "1:40",
+             "--repeats", "2", "--result-file", str(out)] + (["--is-embedding"] if embedding else []))
+    recs = _read(out)
+    assert [(r["batch_size"], r["input_len"], r["is_embedding"]) for r in recs] == [(2, 24, embedding), (1, 40, embedding)]
+    for r in recs:
+        assert r["pruned_ms"] > 0 and r["all_rows_ms"] > 0 and r["max_abs_diff"] < 1e-5
+        assert r["saving"] == pytest.approx(1 - r["pruned_ms"] / r["all_rows_ms"])
+    assert ALL_OUTPUT_ROWS_ENV not in os.environ
+
+
 # ------------------------------------------------------------------------------------------ bench_roofline
 def test_bench_roofline_two_engines_in_turn(llama_dir, tmp_path):
     """The CLI as the lead runs it, both scheduler modes (each its own Engine, shut down before the next)."""

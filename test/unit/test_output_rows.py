@@ -5,7 +5,7 @@
   layers see every token (counted with hooks, not assumed); prompt logprobs and decode keep every row.
 * Embeddings: all-MiniLM-L6-v2 with --pooling cls against transformers' [CLS] hidden state; SmolLM2's
   last-token pooling is checked against transformers in test_embedding_model.
-* A model that ignores out_rows is refused by the pooler instead of being pooled wrongly.
+* A model that ignores out_rows is refused by the pooler and the logits processor instead of being read wrongly.
 """
 
 from __future__ import annotations
@@ -123,6 +123,14 @@ def test_mean_pooling_keeps_every_row():
     seen = count_rows([runner.model.encoder.layer[-1].intermediate.dense])
     embed(runner, [[101, 7592, 102], [101, 2088, 2003, 102]])
     assert seen == [[7]]
+
+
+def test_logits_processor_refuses_a_model_that_ignored_out_rows():
+    from sglx.srt.layers.logits_processor import LogitsProcessor
+
+    fb = SimpleNamespace(batch_size=2, out_rows=torch.tensor([2, 4]), forward_mode=ForwardMode.EXTEND)
+    with pytest.raises(RuntimeError, match="out_rows"):
+        LogitsProcessor(8)(torch.randn(5, 4), torch.randn(8, 4), fb)
 
 
 def test_pooler_refuses_a_model_that_ignored_out_rows():

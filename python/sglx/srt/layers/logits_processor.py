@@ -36,6 +36,9 @@ class LogitsProcessor(nn.Module):
         self.softcap = final_logit_softcapping
 
     def forward(self, hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, fb: "ForwardBatch") -> LogitsProcessorOutput:
+        if fb.out_rows is not None and hidden_states.shape[0] != fb.batch_size:
+            raise RuntimeError(f"ForwardBatch.out_rows is set but the model returned {hidden_states.shape[0]} rows "
+                               f"for {fb.batch_size} requests: it does not honour out_rows")
         if fb.forward_mode.is_decode() or fb.out_rows is not None:
             last = hidden_states  # one row per request already (the model kept only ForwardBatch.out_rows)
         else:

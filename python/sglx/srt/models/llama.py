@@ -122,8 +122,8 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     layer_cls = LlamaDecoderLayer
-    # Honours ForwardBatch.out_rows: the rows after the last layer's attention that nobody reads are dropped
-    # there (a causal model's last layer feeds only the final norm, so its k/v is all the other tokens need).
+    # Honours ForwardBatch.out_rows: after the last layer's attention the rows nobody reads are dropped (that
+    # layer's k/v, stored for later steps, was computed for every token before).
     supports_output_rows = True
 
     def __init__(self, config: Any) -> None:

@@ -166,6 +166,11 @@ def test_minilm_context_truncation_unknown_model_and_generate(minilm):
     assert post(minilm, "/v1/embeddings", {"input": "a", "model": "gpt-17"}).status_code == 404
     r = post(minilm, "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 2}})
     assert r.status_code == 400 and "embedding" in r.json()["message"]
+    # The OpenAI generation routes say the same before anything else (MiniLM has no chat template).
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                       ("/v1/completions", {"prompt": "hi", "max_tokens": 2})):
+        r = post(minilm, path, body)
+        assert r.status_code == 400 and "/v1/embeddings" in r.json()["message"], (path, r.text)
     assert post(minilm, "/encode", {"text": "fine"}).status_code == 200
 
 

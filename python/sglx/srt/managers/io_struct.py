@@ -9,6 +9,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+# Why a generation request fails on an embedding server (every route says the same).
+EMBEDDING_ONLY = "this server serves an embedding model: use /v1/embeddings or /encode"
+
 
 def new_rid() -> str:
     return uuid.uuid4().hex

@@ -35,6 +35,7 @@ from sglx.srt.configs.model_config import ModelConfig
 from sglx.srt.constrained.base_grammar_backend import create_grammar_backend, grammar_key
 from sglx.srt.hf_transformers_utils import get_eos_token_ids, get_tokenizer
 from sglx.srt.managers.io_struct import (
+    EMBEDDING_ONLY,
     AbortReq,
     BatchTokenizedEmbeddingReqInput,
     FlushCacheReqInput,
@@ -342,7 +343,7 @@ class Scheduler(SchedulerOutputProcessorMixin):
         req = Req(m.rid, m.input_text, list(m.input_ids), sp, self.eos_token_ids, m.return_logprob,
                   m.top_logprobs_num, m.stream, max_seq_len=self.max_req_len, logprob_start_len=m.logprob_start_len)
         if self.is_embedding:
-            req.finished_reason = finish_abort("this server serves an embedding model: use /v1/embeddings or /encode")
+            req.finished_reason = finish_abort(EMBEDDING_ONLY)
         elif not req.origin_input_ids:
             req.finished_reason = finish_abort("the prompt is empty")
         elif len(req.origin_input_ids) >= self.max_req_len:

@@ -17,6 +17,7 @@ import zmq.asyncio
 from sglx.srt.hf_transformers_utils import get_tokenizer
 from sglx.srt.managers.detokenizer_manager import DETOKENIZER_ABORT
 from sglx.srt.managers.io_struct import (
+    EMBEDDING_ONLY,
     AbortReq,
     BatchEmbeddingOut,
     BatchStrOut,
@@ -274,7 +275,7 @@ class TokenizerManager:
         start = time.monotonic()
         self._ensure_loop()
         if self.is_embedding:
-            raise ValueError("this server serves an embedding model: use /v1/embeddings or /encode")
+            raise ValueError(EMBEDDING_ONLY)
         obj.validate()
         watch = DisconnectWatch(request)
         if obj.is_single():

@@ -39,7 +39,7 @@ from sglx.srt.entrypoints.openai.utils import (
     sse,
     validation_message,
 )
-from sglx.srt.managers.io_struct import GenerateReqInput, new_rid
+from sglx.srt.managers.io_struct import EMBEDDING_ONLY, GenerateReqInput, new_rid
 from sglx.srt.managers.tokenizer_manager import ClientDisconnected
 
 logger = logging.getLogger(__name__)
@@ -163,6 +163,8 @@ class OpenAIServingBase(ABC):
 
     # ------------------------------------------------------------------ entry point
     async def handle_request(self, raw_request: Request) -> Response:
+        if getattr(self.tokenizer_manager, "is_embedding", False):  # before the chat template or sampling checks
+            return error_response(EMBEDDING_ONLY, 400)
         req_or_err = await self._parse(raw_request)
         if isinstance(req_or_err, Response):
             return req_or_err

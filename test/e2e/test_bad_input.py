@@ -34,6 +34,7 @@ def test_prompt_longer_than_context(server):
     {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": 0}, {"min_p": 2},
     {"max_new_tokens": -3}, {"repetition_penalty": 0}, {"frequency_penalty": 5}, {"temperature": "hot"},
     {"no_such_param": 1}, {"skip_special_tokens": "no"}, {"ignore_eos": 1},  # a non-bool once killed the server
+    {"n": 0}, {"n": 129}, {"n": "2"}, {"n": True}, {"n": 2**70},  # 2**70 copies once took the server's memory
 ])
 def test_invalid_sampling_values(server, sp):
     r = requests.post(server.url("/generate"), json={"text": "hi", "sampling_params": sp}, timeout=60)
@@ -43,10 +44,13 @@ def test_invalid_sampling_values(server, sp):
 
 
 def test_openai_invalid_values(server):
-    for body in [{"temperature": -1}, {"top_p": 7}, {"max_tokens": "many"}, {"n": 0}]:
+    for body in [{"temperature": -1}, {"top_p": 7}, {"max_tokens": "many"}, {"n": 0}, {"n": 129}, {"n": 2**70}]:
         r = requests.post(server.url("/v1/completions"), json={"model": "SmolLM2-135M-Instruct", "prompt": "hi",
                                                                **body}, timeout=60)
         assert r.status_code == 400, (body, r.text)
+    r = requests.post(server.url("/v1/chat/completions"), json={
+        "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}], "n": 2**70}, timeout=60)
+    assert r.status_code == 400, r.text
     assert_still_serving(server)
 
 

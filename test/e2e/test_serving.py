@@ -58,6 +58,18 @@ def test_batch_generate_and_n(server):
     assert isinstance(out, list) and len(out) == 2
     single = generate(server, {"text": "The sky is", "sampling_params": {"max_new_tokens": 4, **GREEDY}})
     assert out[1]["text"] == single["text"]
+    # n: each prompt's samples one after another, as SGLang orders them.
+    out = generate(server, {"text": ["Hello", "The sky is"], "sampling_params": {"max_new_tokens": 4, "n": 2, **GREEDY}})
+    assert [o["text"] for o in out[2:]] == [single["text"]] * 2 and out[0]["text"] == out[1]["text"]
+    # A seeded sample j is the single request seeded seed + j: the n samples differ and are reproducible.
+    sp = {"max_new_tokens": 12, "temperature": 1.0, "sampling_seed": 11}
+    many = generate(server, {"text": "Once upon a time", "sampling_params": {**sp, "n": 3}, "rid": "nreq"})
+    assert isinstance(many, list) and len(many) == 3
+    assert [m["meta_info"]["id"] for m in many] == ["nreq-0", "nreq-1", "nreq-2"]
+    for j, m in enumerate(many):
+        alone = generate(server, {"text": "Once upon a time", "sampling_params": {**sp, "sampling_seed": 11 + j}})
+        assert m["output_ids"] == alone["output_ids"]
+    assert len({tuple(m["output_ids"]) for m in many}) > 1
 
 
 def test_stop_strings_are_not_leaked(server):

@@ -448,6 +448,8 @@ def test_bad_json_400(base_url, fake_tm, path, body):
 @pytest.mark.parametrize("path,body,needle", [
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 129}, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2**70}, "n"),
     ("/v1/completions", {"prompt": "x", "max_tokens": True}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"prompt": "x", "suffix": "!"}, "suffix"),

@@ -6,8 +6,10 @@ All travel over ZMQ as pickled dataclasses. The request id (`rid`) is carried en
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple, Union
+
+from sglx.srt.sampling.sampling_params import parallel_sample_num
 
 # Why a generation request fails on an embedding server (every route says the same).
 EMBEDDING_ONLY = "this server serves an embedding model: use /v1/embeddings or /encode"
@@ -91,6 +93,29 @@ class GenerateReqInput:
             return 1
         return len(self.text if self.text is not None else self.input_ids)
 
+    def with_parallel_samples(self) -> "GenerateReqInput":
+        """SGLang's `sampling_params.n`: each prompt repeated n times as a batch (prompt i's samples one after
+        another), each copy with n = 1, a given rid suffixed `-j` and a given seed offset by j, so the samples
+        differ and stay reproducible. Returns self when every n is 1 (call after validate)."""
+        items = [self] if self.is_single() else [self[i] for i in range(self.batch_size())]
+        counts = [parallel_sample_num(it.sampling_params) for it in items]
+        if all(c == 1 for c in counts):
+            return self
+        copies = [_sample_copy(it, j) for it, c in zip(items, counts) for j in range(c)]
+
+        def each(name: str) -> List[Any]:
+            return [getattr(c, name) for c in copies]
+
+        rids = each("rid")
+        return GenerateReqInput(
+            text=each("text") if self.text is not None else None,
+            input_ids=each("input_ids") if self.input_ids is not None else None,
+            sampling_params=each("sampling_params"), rid=rids if all(r is not None for r in rids) else None,
+            return_logprob=each("return_logprob"), logprob_start_len=each("logprob_start_len"),
+            top_logprobs_num=each("top_logprobs_num"), return_text_in_logprobs=self.return_text_in_logprobs,
+            stream=self.stream,
+        )
+
     def __getitem__(self, i: int) -> "GenerateReqInput":
         """The i-th request of a batch, as a single request."""
 
@@ -109,6 +134,17 @@ class GenerateReqInput:
             return_text_in_logprobs=self.return_text_in_logprobs,
             stream=self.stream,
         )
+
+
+def _sample_copy(item: GenerateReqInput, j: int) -> GenerateReqInput:
+    """Sample j of a single request: n = 1, rid `rid-j`, seed + j."""
+    sp = dict(item.sampling_params or {})
+    sp["n"] = 1
+    for key in ("sampling_seed", "seed"):
+        if isinstance(sp.get(key), int) and not isinstance(sp[key], bool):
+            sp[key] += j
+    rid = f"{item.rid}-{j}" if isinstance(item.rid, str) else None
+    return replace(item, sampling_params=sp, rid=rid)
 
 
 @dataclass

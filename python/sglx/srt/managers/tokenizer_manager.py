@@ -277,6 +277,7 @@ class TokenizerManager:
         if self.is_embedding:
             raise ValueError(EMBEDDING_ONLY)
         obj.validate()
+        obj = obj.with_parallel_samples()
         watch = DisconnectWatch(request)
         if obj.is_single():
             tokenized = self._tokenize(obj)

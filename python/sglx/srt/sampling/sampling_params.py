@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional, Union
 _GREEDY_EPS = 1e-6
 TOP_K_ALL = 1 << 30
 LOGIT_BIAS_MAX = 100.0
+# n (parallel samples of one prompt) at most this, OpenAI's limit: each sample becomes a request of its own.
+MAX_PARALLEL_SAMPLES = 128
 
 
 class SamplingParamsError(ValueError):
@@ -106,8 +108,8 @@ class SamplingParams:
                 f"min_new_tokens must be in [0, max_new_tokens({self.max_new_tokens})], got {self.min_new_tokens}."
             )
         num("n", self.n, int)
-        if self.n < 1:
-            raise SamplingParamsError(f"n must be at least 1, got {self.n}.")
+        if not 1 <= self.n <= MAX_PARALLEL_SAMPLES:
+            raise SamplingParamsError(f"n must be in [1, {MAX_PARALLEL_SAMPLES}], got {self.n}.")
         if self.sampling_seed is not None:
             num("seed", self.sampling_seed, int)
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
@@ -174,3 +176,11 @@ class SamplingParams:
             self.stop_strs = list(self.stop)
         self.stop_strs = [s for s in self.stop_strs if s]
         self.stop_str_max_len = max((len(s) for s in self.stop_strs), default=0)
+
+
+def parallel_sample_num(params: Any) -> int:
+    """The `n` of a request's sampling-params dict, checked before the request is copied n times."""
+    n = params.get("n", 1) if isinstance(params, dict) else 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PARALLEL_SAMPLES:
+        raise SamplingParamsError(f"n must be an integer in [1, {MAX_PARALLEL_SAMPLES}], got {n!r}.")
+    return n

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer
 
+from sglx.srt.sampling.sampling_params import MAX_PARALLEL_SAMPLES
+
 # Request numbers and flags are strict, as JSON types are: "5", 5.5 or true is no max_tokens (an int is
 # still a valid float).
 SInt = Annotated[int, Strict()]
@@ -75,7 +77,7 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: Optional[SFloat] = None
     presence_penalty: Optional[SFloat] = None
     logit_bias: Optional[Dict[str, SFloat]] = None
-    n: Optional[SInt] = Field(default=1, ge=1)
+    n: Optional[SInt] = Field(default=1, ge=1, le=MAX_PARALLEL_SAMPLES)
     seed: Optional[SInt] = None
     stop: Optional[Union[str, List[str]]] = None
     stream: Optional[SBool] = False

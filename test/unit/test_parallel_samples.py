@@ -34,6 +34,11 @@ def test_batch_with_per_prompt_n_keeps_each_prompt_s_samples_together():
     assert all(sp["n"] == 1 for sp in g.sampling_params if "n" in sp)
 
 
+def test_a_prompt_without_n_keeps_its_rid_in_a_batch_with_n():
+    g = expand(text=["a", "b"], sampling_params=[{"n": 2}, {"max_new_tokens": 1}], rid=["x", "y"])
+    assert g.rid == ["x-0", "x-1", "y"] and g.sampling_params[2] == {"max_new_tokens": 1}
+
+
 def test_n_of_one_leaves_the_request_alone():
     g = GenerateReqInput(text=["a", "b"], sampling_params={"n": 1})
     assert g.with_parallel_samples() is g

@@ -101,7 +101,7 @@ class GenerateReqInput:
         counts = [parallel_sample_num(it.sampling_params) for it in items]
         if all(c == 1 for c in counts):
             return self
-        copies = [_sample_copy(it, j) for it, c in zip(items, counts) for j in range(c)]
+        copies = [_sample_copy(it, j) if c > 1 else it for it, c in zip(items, counts) for j in range(c)]
 
         def each(name: str) -> List[Any]:
             return [getattr(c, name) for c in copies]

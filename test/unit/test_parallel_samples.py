@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglx.srt.managers.io_struct import GenerateReqInput
+from sglx.srt.managers.io_struct import AbortReq, GenerateReqInput
 from sglx.srt.sampling.sampling_params import MAX_PARALLEL_SAMPLES, SamplingParams, SamplingParamsError
 
 
@@ -53,3 +53,10 @@ def test_bad_n_is_refused_before_copying(n):
     sp = SamplingParams.from_dict({"n": n})
     with pytest.raises(SamplingParamsError, match="n must be"):
         sp.verify()
+
+
+def test_abort_of_a_rid_covers_its_samples_only():
+    a = AbortReq(rid="nreq")
+    assert [a.matches(r) for r in ("nreq", "nreq-0", "nreq-12", "nreq0", "other", "")] == [True, True, True, False,
+                                                                                           False, False]
+    assert AbortReq(abort_all=True).matches("anything") and not AbortReq(rid="").matches("x-1")

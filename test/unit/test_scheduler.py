@@ -62,6 +62,14 @@ def test_prefix_reuse_and_abort(tmp_path):
     (msg,) = s.send_to_detokenizer.msgs
     assert msg.rids == ["e"] and msg.finished_reasons[0]["type"] == "abort" and s.is_idle()
     assert s.internal_state()["num_aborted_reqs"] == 2
+    # Aborting a rid aborts the rid-j requests made from it (a native request's n samples), not other rids.
+    s.send_to_detokenizer.msgs.clear()
+    for rid in ("f-0", "f-1", "f2", "g"):
+        submit(s, rid, [5, 6, 7], 4)
+    s.process_input(AbortReq(rid="f"))
+    assert sorted(r for m in s.send_to_detokenizer.msgs for r in m.rids) == ["f-0", "f-1"]
+    assert sorted(r.rid for r in s.waiting_queue) == ["f2", "g"]
+    run_until_idle(s)
 
 
 def test_prefill_batch_respects_max_prefill_tokens(tmp_path):

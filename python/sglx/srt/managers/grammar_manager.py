@@ -82,10 +82,11 @@ class GrammarManager:
         self.queue = still
         return ready, failed
 
-    def abort(self, rid: str, abort_all: bool = False) -> List[Req]:
-        """Take the matching requests out of the queue, finished as aborted by the client."""
-        gone = [req for req, _ in self.queue if abort_all or req.rid == rid]
-        self.queue = [(req, fut) for req, fut in self.queue if not (abort_all or req.rid == rid)]
+    def abort(self, matches: Callable[[str], bool]) -> List[Req]:
+        """Take the requests whose rid `matches` (AbortReq.matches) out of the queue, finished as aborted by the
+        client."""
+        gone = [req for req, _ in self.queue if matches(req.rid)]
+        self.queue = [(req, fut) for req, fut in self.queue if not matches(req.rid)]
         for req in gone:
             req.finished_reason = finish_abort("aborted by the client")
         return gone

@@ -239,6 +239,11 @@ class AbortReq:
     rid: str = ""
     abort_all: bool = False
 
+    def matches(self, rid: str) -> bool:
+        """Whether this abort covers request `rid`: all requests, that rid, or the `rid-j` requests made from it
+        (the samples of a native request with n > 1, the items of an OpenAI request)."""
+        return self.abort_all or rid == self.rid or (bool(self.rid) and rid.startswith(self.rid + "-"))
+
 
 @dataclass
 class FlushCacheReqInput:

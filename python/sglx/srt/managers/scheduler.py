@@ -384,12 +384,12 @@ class Scheduler(SchedulerOutputProcessorMixin):
 
     def abort_request(self, m: AbortReq) -> None:
         if self.grammar_manager is not None:
-            gone = self.grammar_manager.abort(m.rid, m.abort_all)
+            gone = self.grammar_manager.abort(m.matches)
             self.num_aborted += len(gone)
             if gone:
                 self.stream_output(gone)
         for r in list(self.waiting_queue):
-            if m.abort_all or r.rid == m.rid:
+            if m.matches(r.rid):
                 self.waiting_queue.remove(r)
                 if r.req_pool_idx is not None:  # a retracted request holds nothing; be safe anyway
                     self.tree_cache.cache_finished_req(r, r.kv_token_ids())
@@ -397,7 +397,7 @@ class Scheduler(SchedulerOutputProcessorMixin):
                 self.num_aborted += 1
                 self.stream_output([r])
         for r in self.running_reqs + ([self.chunked_req] if self.chunked_req else []):
-            if m.abort_all or r.rid == m.rid:
+            if m.matches(r.rid):
                 r.to_abort = "aborted by the client"
 
     def flush_cache(self) -> FlushCacheReqOutput:

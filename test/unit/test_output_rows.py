@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from sglx.srt.configs.model_config import ModelConfig
 from sglx.srt.layers.pooler import Pooler, PoolingConfig, PoolingType
-from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
+from sglx.srt.model_executor.forward_batch import ForwardBatch, ForwardMode, ModelWorkerBatch
 from sglx.srt.model_executor.model_runner import ALL_OUTPUT_ROWS_ENV, ModelRunner
 from sglx.srt.server_args import ServerArgs
 from sglx.test.runner_utils import PlacedRequests
@@ -125,17 +125,24 @@ def test_mean_pooling_keeps_every_row():
     assert seen == [[7]]
 
 
+def fake_fb(**fields) -> SimpleNamespace:
+    """A stand-in ForwardBatch with the real out_rows check."""
+    fb = SimpleNamespace(**fields)
+    fb.check_out_rows = lambda h: ForwardBatch.check_out_rows(fb, h)
+    return fb
+
+
 def test_logits_processor_refuses_a_model_that_ignored_out_rows():
     from sglx.srt.layers.logits_processor import LogitsProcessor
 
-    fb = SimpleNamespace(batch_size=2, out_rows=torch.tensor([2, 4]), forward_mode=ForwardMode.EXTEND)
+    fb = fake_fb(batch_size=2, out_rows=torch.tensor([2, 4]), forward_mode=ForwardMode.EXTEND)
     with pytest.raises(RuntimeError, match="out_rows"):
         LogitsProcessor(8)(torch.randn(5, 4), torch.randn(8, 4), fb)
 
 
 def test_pooler_refuses_a_model_that_ignored_out_rows():
-    fb = SimpleNamespace(batch_size=2, extend_seq_lens=torch.tensor([3, 2]), extend_start_loc=torch.tensor([0, 3]),
-                         out_rows=torch.tensor([2, 4]))
+    fb = fake_fb(batch_size=2, extend_seq_lens=torch.tensor([3, 2]), extend_start_loc=torch.tensor([0, 3]),
+                 out_rows=torch.tensor([2, 4]))
     with pytest.raises(RuntimeError, match="out_rows"):
         Pooler(PoolingConfig(PoolingType.LAST, normalize=True))(torch.randn(5, 4), fb)
     kept = torch.randn(2, 4)  # a model that honoured it: its rows are the pooled ones

@@ -36,13 +36,11 @@ class LogitsProcessor(nn.Module):
         self.softcap = final_logit_softcapping
 
     def forward(self, hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, fb: "ForwardBatch") -> LogitsProcessorOutput:
-        if fb.out_rows is not None and hidden_states.shape[0] != fb.batch_size:
-            raise RuntimeError(f"ForwardBatch.out_rows is set but the model returned {hidden_states.shape[0]} rows "
-                               f"for {fb.batch_size} requests: it does not honour out_rows")
+        fb.check_out_rows(hidden_states)
         if fb.forward_mode.is_decode() or fb.out_rows is not None:
             last = hidden_states  # one row per request already (the model kept only ForwardBatch.out_rows)
         else:
-            last = hidden_states[fb.extend_start_loc + fb.extend_seq_lens - 1]
+            last = hidden_states[fb.last_token_rows()]
         out = LogitsProcessorOutput(next_token_logits=self.logits(last, lm_head_weight), hidden_states=last)
         if fb.input_logprob_indices is not None and not fb.forward_mode.is_decode():
             out.input_token_logprobs, out.input_top_logprobs_val, out.input_top_logprobs_idx = \

@@ -140,9 +140,7 @@ class Pooler(nn.Module):
         starts, lens = fb.extend_start_loc, fb.extend_seq_lens
         kind = self.config.pooling
         if fb.out_rows is not None:
-            if h.shape[0] != fb.batch_size:
-                raise RuntimeError(f"ForwardBatch.out_rows is set but the model returned {h.shape[0]} rows for "
-                                   f"{fb.batch_size} requests: it does not honour out_rows")
+            fb.check_out_rows(h)
             pooled = h
         elif kind == PoolingType.LAST:
             pooled = h[starts + lens - 1]

@@ -105,6 +105,13 @@ class ForwardBatch:
         """[bs] the row of each request's last new token."""
         return self.extend_start_loc + self.extend_seq_lens - 1
 
+    def check_out_rows(self, hidden_states: torch.Tensor) -> None:
+        """With out_rows set, the model must have returned one row per request (a model that ignored it would be
+        read wrongly by the logits processor or the pooler)."""
+        if self.out_rows is not None and hidden_states.shape[0] != self.batch_size:
+            raise RuntimeError(f"ForwardBatch.out_rows is set but the model returned {hidden_states.shape[0]} rows "
+                               f"for {self.batch_size} requests: it does not honour out_rows")
+
     @classmethod
     def init_new(cls, b: ModelWorkerBatch, runner: Any) -> "ForwardBatch":
         device = runner.device

@@ -107,9 +107,7 @@ class SamplingParams:
             raise SamplingParamsError(
                 f"min_new_tokens must be in [0, max_new_tokens({self.max_new_tokens})], got {self.min_new_tokens}."
             )
-        num("n", self.n, int)
-        if not 1 <= self.n <= MAX_PARALLEL_SAMPLES:
-            raise SamplingParamsError(f"n must be in [1, {MAX_PARALLEL_SAMPLES}], got {self.n}.")
+        parallel_sample_num({"n": self.n})
         if self.sampling_seed is not None:
             num("seed", self.sampling_seed, int)
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):

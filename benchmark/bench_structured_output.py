@@ -10,7 +10,8 @@ seeded) and reports output tokens per second of wall time from the first step to
   * free: no constraint, `ignore_eos`, --max-new-tokens tokens each;
   * json: each request constrained to a JSON list of exactly --items words out of three (about five tokens an
     item), so every request writes a list and stops on its grammar;
-  * penalty: as free, with a frequency penalty of 0.5 (its sampling also needs the previous tokens on the host).
+  * penalty: as free, with a frequency penalty of 0.5 (its token counts are kept on the device: until
+    sampling/penalty_counts.py they were rebuilt from the host ids every step, which also split the step).
 
 Under overlap, a json step queues its forward before the previous step's tokens reach the host and fills the
 grammars' masks while it runs (Scheduler.step); without overlap every step waits for the previous one.

@@ -84,3 +84,24 @@ def _sync_errors():
         yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_penalty_counts_on_cuda(tmp_path, monkeypatch):
+    """Penalized requests under both schedules on CUDA (chunked prefill, CUDA graphs): the device counts equal
+    the streamed ids at every step, penalized decode steps overlap, and both schedules give the same tokens."""
+    from test.unit.test_penalty_counts import check_counts, run
+
+    outputs = {}
+    for overlap in (False, True):
+        (tmp_path / str(overlap)).mkdir()
+        s, params, seen, launches, finished, outputs[overlap] = run(
+            tmp_path / str(overlap), monkeypatch, overlap, config=LLAMA, device="cuda", max_total_tokens=8192,
+            tokenizer_path=synthetic_tokenizer(LLAMA["vocab_size"]), mem_fraction_static=0.5,
+            cuda_graph_max_bs=16)
+        assert s.runner.cuda_graph_runner is not None and s.internal_state()["kv_leak_free"]
+        checked, chunks = check_counts(seen, params, outputs[overlap])
+        assert checked > 300 and chunks > 0
+        if overlap:
+            assert not any(split for _, split, _ in launches)
+            assert sum(1 for inflight, _, pen in launches if inflight and pen) > 20
+    assert outputs[True] == outputs[False]

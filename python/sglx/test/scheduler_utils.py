@@ -66,7 +66,7 @@ def run_until_idle(s: Scheduler, max_steps: int = 20000, outputs=None):
 
 def mixed_sampling_workload(s: Scheduler) -> Set[str]:
     """Requests that end at different steps, by length, eos or a stop id, with sampling that depends on the
-    output count (seeded noise, min_new_tokens) or on the output ids (penalties: never overlapped). Returns
+    output count (seeded noise, min_new_tokens) or on the output ids (a penalty: counted on the device). Returns
     the ids of the requests whose tokens depend on nothing but their own logits (greedy or seeded)."""
     rng = random.Random(7)
     deterministic = set()

@@ -14,6 +14,7 @@ import torch
 
 from sglx.srt.mem_cache.base_prefix_cache import BasePrefixCache
 from sglx.srt.model_executor.forward_batch import ForwardMode, ModelWorkerBatch
+from sglx.srt.sampling.penalty_counts import PenaltyCounts
 from sglx.srt.sampling.sampling_batch_info import SamplingBatchInfo
 from sglx.srt.sampling.sampling_params import SamplingParams
 
@@ -110,6 +111,12 @@ class Req:
 
     def kv_token_ids(self) -> List[int]:
         return self.all_ids()[: self.kv_len]
+
+    @property
+    def mid_prompt_chunk(self) -> bool:
+        """Whether this request's prefill in the current batch is a chunk that does not end its prompt: the
+        token sampled after it is thrown away (is_chunked alone also holds for the final chunk)."""
+        return self.is_chunked and len(self.fill_ids) < self.seqlen
 
     def finished(self) -> bool:
         return self.finished_reason is not None
@@ -322,15 +329,18 @@ class ScheduleBatch:
         return batch
 
     def sampling_info(self, inflight_tokens: int = 0) -> SamplingBatchInfo:
-        return SamplingBatchInfo.from_reqs(self.reqs, self.ctx.vocab_size, self.ctx.device, inflight_tokens)
+        return SamplingBatchInfo.from_reqs(self.reqs, self.ctx.vocab_size, self.ctx.device, inflight_tokens,
+                                           self.ctx.penalty_counts)
 
 
 class BatchContext:
     """What a ScheduleBatch needs from the scheduler's memory managers."""
 
     def __init__(self, req_to_token_pool, allocator, tree_cache: BasePrefixCache, page_size: int,
-                 vocab_size: int, device: torch.device, is_embedding: bool = False) -> None:
+                 vocab_size: int, device: torch.device, is_embedding: bool = False,
+                 penalty_counts: Optional[PenaltyCounts] = None) -> None:
         self.is_embedding = is_embedding
+        self.penalty_counts = penalty_counts  # the runner's; None: counts built per batch from host ids
         self.req_to_token_pool = req_to_token_pool
         self.allocator = allocator
         self.tree_cache = tree_cache

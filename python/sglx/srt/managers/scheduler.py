@@ -12,8 +12,9 @@ A request that finishes on N's token has then run one step ahead: that token is 
 (written by N+1, for N's token) goes back with the request's others. A step overlaps only when nothing it
 depends on is still on the device (`can_overlap`): the previous step is a decode, no request waits (a
 prefill needs the finished requests' memory and rows), no chunked prefill, no retraction. Where sampling needs
-the previous tokens on the host (penalties count them, grammars take them), only the forward is queued early:
-the previous step is processed while it runs, and sampling is queued after that.
+the previous tokens on the host (a grammar takes them), only the forward is queued early: the previous step is
+processed while it runs, and sampling is queued after that. Penalties do not: their token counts are kept and
+advanced on the device (sampling/penalty_counts.py).
 Embedding steps overlap too: every request of one finishes with its prefill, so the next batch of waiting
 inputs can be formed and launched while the previous one runs (its rows and KV slots are counted as held
 until its results are processed).
@@ -131,6 +132,7 @@ class Scheduler(SchedulerOutputProcessorMixin):
         self.ctx = BatchContext(
             self.runner.req_to_token_pool, self.runner.token_to_kv_pool_allocator, self.tree_cache,
             self.page_size, self.model_config.vocab_size, self.runner.device, self.is_embedding,
+            self.runner.penalty_counts,
         )
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache, server_args.random_seed)
         self.max_running_requests = self.runner.max_running_requests
@@ -253,8 +255,8 @@ class Scheduler(SchedulerOutputProcessorMixin):
         batch = self.next_batch()  # (sees self.inflight: its rows are still held)
         launched = None
         if batch is not None and prev is not None and self.sampling_needs_host_tokens(batch):
-            # Penalties count, and grammars take, the previous step's tokens: queue this step's forward, process
-            # the previous step while it runs, then sample with every token on the host.
+            # A grammar takes the previous step's tokens: queue this step's forward, process the previous step
+            # while it runs, then sample with every token on the host.
             before, prev, progressed = prev, None, True
             launched = (batch, self.launch_batch(batch, before_sampling=lambda: self.process_batch_result(*before)))
         elif batch is not None:  # every request of an overlapped decode batch has one token on the device

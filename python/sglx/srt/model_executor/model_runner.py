@@ -20,6 +20,7 @@ from sglx.srt.model_executor.batch_result import EmbeddingBatchResult, Generatio
 from sglx.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from sglx.srt.model_executor.forward_batch import ForwardBatch, ModelWorkerBatch
 from sglx.srt.model_executor.model_loader import get_model
+from sglx.srt.sampling.penalty_counts import PenaltyCounts
 from sglx.srt.server_args import ServerArgs, resolve_attention_backends
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class ModelRunner:
             raise RuntimeError(f"{type(prefill_backend).__name__} is listed in SKIP_KV_CACHE_BACKENDS but does "
                                "not implement the raw-K/V path (supports_skip_kv_cache)")
         self.sampler = Sampler(backend=server_args.sampling_backend)
+        # Penalized requests' token counts, advanced on the device by every sampling step (grows on demand).
+        self.penalty_counts = PenaltyCounts(model_config.vocab_size, self.device)
         self.cuda_graph_runner = self.init_cuda_graphs()
         self.pooler: Optional[Pooler] = None
         if model_config.is_embedding:
@@ -198,8 +201,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_batch_generation(self, batch: ModelWorkerBatch) -> GenerationBatchResult:
-        """Forward, sample, record each request's new token in `last_token_ids`, and start copying the
-        sampled tokens to the host. Nothing here waits for the device."""
+        """Forward, sample, record each request's new token in `last_token_ids` (and, for penalized requests,
+        in `penalty_counts`), and start copying the sampled tokens to the host. Nothing here waits for the
+        device."""
         return self.sample(batch, self.forward(batch))
 
     @torch.inference_mode()
@@ -212,6 +216,7 @@ class ModelRunner:
         )
         rows = torch.tensor(batch.req_pool_indices, dtype=torch.int64).to(self.device, non_blocking=True)
         self.last_token_ids.index_copy_(0, rows, sampler_output.next_token_ids)
+        batch.sampling_info.record_sampled(sampler_output.next_token_ids)
         result = GenerationBatchResult(logits_output, sampler_output, batch.top_logprobs_nums)
         result.start_host_copy()
         return result

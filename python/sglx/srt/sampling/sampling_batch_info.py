@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
 
 from sglx.srt.constrained.base_grammar_backend import allocate_vocab_mask
+from sglx.srt.sampling.penalty_counts import PenaltyCounts, flat_indices
 
 # Seeds are folded into 63 bits so every user seed (negative or huge python ints included) maps to a
 # non-negative int64 and -1 stays free as the "unseeded" marker.
 _SEED_MASK = (1 << 63) - 1
 # Fields that are not [bs, ...] tensors (seeded_rows indexes rows rather than being one entry per row).
 _HOST_FIELDS = frozenset({"is_all_greedy", "need_top_p", "need_top_k", "need_min_p", "vocab_size", "seeded_rows",
-                          "vocab_mask", "vocab_mask_rows"})
+                          "vocab_mask", "vocab_mask_rows", "penalty_counts", "counted_rows", "counted_pool_rows"})
 
 
 @dataclass
@@ -51,6 +51,11 @@ class SamplingBatchInfo:
     # int32 (constrained/base_grammar_backend.py), for the rows vocab_mask_rows [n] int64 names.
     vocab_mask: Optional[torch.Tensor] = None
     vocab_mask_rows: Optional[torch.Tensor] = None
+    # Penalties: the device-side counts the rows above were read from, and which batch rows' sampled tokens
+    # `record_sampled` adds to which of its rows (the penalized requests that keep their token).
+    penalty_counts: Optional[PenaltyCounts] = None
+    counted_rows: Optional[torch.Tensor] = None  # [n] int64 batch rows
+    counted_pool_rows: Optional[torch.Tensor] = None  # [n] int64 rows of penalty_counts
 
     @property
     def batch_size(self) -> int:
@@ -73,13 +78,19 @@ class SamplingBatchInfo:
             vocab_mask=None, vocab_mask_rows=None,  # (applied to the whole batch's logits already)
         )
 
+    def record_sampled(self, next_token_ids: torch.Tensor) -> None:
+        """Add this step's sampled tokens to the penalized requests' device counts (queued, no sync)."""
+        if self.penalty_counts is not None:
+            self.penalty_counts.accumulate(self.counted_pool_rows, next_token_ids.index_select(0, self.counted_rows))
+
     @classmethod
-    def from_reqs(cls, reqs: Sequence[Any], vocab_size: int, device: torch.device, inflight_tokens: int = 0
-                  ) -> "SamplingBatchInfo":
+    def from_reqs(cls, reqs: Sequence[Any], vocab_size: int, device: torch.device, inflight_tokens: int = 0,
+                  penalty_counts: Optional[PenaltyCounts] = None) -> "SamplingBatchInfo":
         """`inflight_tokens`: tokens each request sampled on the device that are not in its output_ids yet
         (the overlap schedule launches a step before the previous one's tokens reach the host). They count
-        for the seeded position and min_new_tokens; penalties and grammars need the ids themselves, so a batch
-        with either must not be built with inflight tokens."""
+        for the seeded position and min_new_tokens. Penalties read `penalty_counts`, which the device keeps
+        up to date (`record_sampled`); without it, counts are built from the host ids for this batch alone.
+        Grammars need the ids themselves, so a batch with one must not be built with inflight tokens."""
         sps = [r.sampling_params for r in reqs]
         greedy = [sp.top_k == 1 for sp in sps]
         sampled = [sp for sp, g in zip(sps, greedy) if not g]
@@ -95,18 +106,17 @@ class SamplingBatchInfo:
         any_seeded = any(s >= 0 for s in seed_list)
 
         if inflight_tokens and any(needs_output_ids(r) for r in reqs):
-            raise ValueError("penalties and grammars need every output id on the host: build this after the "
-                             "previous step's results are processed (Scheduler.launch_batch's before_sampling)")
+            raise ValueError("grammars need every output id on the host: build this after the previous step's "
+                             "results are processed (Scheduler.launch_batch's before_sampling)")
         freq = [sp.frequency_penalty for sp in sps]
         pres = [sp.presence_penalty for sp in sps]
         rep = [sp.repetition_penalty for sp in sps]
         use_freq = any(v != 0.0 for v in freq)
         use_pres = any(v != 0.0 for v in pres)
         use_rep = any(v != 1.0 for v in rep)
-
+        penalties = _penalty_rows(reqs, vocab_size, device, inflight_tokens, penalty_counts, use_rep) \
+            if (use_freq or use_pres or use_rep) else {}
         outputs = [r.output_ids for r in reqs]
-        counts = _token_counts(outputs, vocab_size, device) if (use_freq or use_pres or use_rep) else None
-        prompt_mask = _token_mask([r.origin_input_ids for r in reqs], vocab_size, device) if use_rep else None
 
         return cls(
             temperatures=f32([sp.temperature for sp in sps]).view(-1, 1),
@@ -122,45 +132,43 @@ class SamplingBatchInfo:
             frequency_penalties=f32(freq) if use_freq else None,
             presence_penalties=f32(pres) if use_pres else None,
             repetition_penalties=f32(rep) if use_rep else None,
-            output_token_counts=counts,
-            prompt_token_mask=prompt_mask,
+            output_token_counts=penalties.pop("output_token_counts", None),
+            prompt_token_mask=penalties.pop("prompt_token_mask", None),
             min_new_tokens_mask=_min_new_tokens_mask(reqs, vocab_size, device, inflight_tokens),
             logit_bias=_logit_bias(sps, vocab_size, device),
             vocab_size=vocab_size,
             seeded_rows=i64([i for i, s in enumerate(seed_list) if s >= 0]) if any_seeded else None,
             **_vocab_mask(reqs, vocab_size, device),
+            **penalties,
         )
 
 
 def needs_output_ids(req: Any) -> bool:
-    """Whether sampling for `req` reads its output ids themselves (penalties count them, a grammar has taken
-    them), not only how many there are."""
-    return req.sampling_params.uses_penalties or req.grammar is not None
+    """Whether sampling for `req` reads its output ids on the host (a grammar has taken them), not only how
+    many there are. Penalties do not: their counts live on the device (PenaltyCounts)."""
+    return req.grammar is not None
 
 
-def _flat_indices(rows: Sequence[Iterable[int]], vocab_size: int) -> torch.Tensor:
-    """CPU int64 indices `row * vocab + id` into a flattened [bs, vocab] tensor, out-of-vocab ids dropped.
-
-    Dropping (rather than trusting) out-of-range ids matters: one would otherwise land silently in the
-    next row's slice of the flat tensor.
-    """
-    rows = [list(r) for r in rows]
-    ids = torch.tensor(list(chain.from_iterable(rows)), dtype=torch.int64)
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
-    row_idx = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), lengths)
-    valid = (ids >= 0) & (ids < vocab_size)
-    return (row_idx * vocab_size + ids)[valid]
-
-
-def _token_counts(rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    flat = _flat_indices(rows, vocab_size).to(device, non_blocking=True)
-    counts = torch.zeros(len(rows) * vocab_size, dtype=torch.int32, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    return counts.view(len(rows), vocab_size)
+def _penalty_rows(reqs: Sequence[Any], vocab_size: int, device: torch.device, inflight_tokens: int,
+                  pool: Optional[PenaltyCounts], with_prompt_mask: bool) -> dict:
+    """The batch's rows of the penalty counts (and prompt masks), and which sampled tokens go back into them.
+    A chunk that does not end its prompt samples a token nobody keeps: it is not counted."""
+    pool = pool if pool is not None else PenaltyCounts(vocab_size, device, capacity=len(reqs) + 1)
+    rows = pool.rows(reqs, inflight_tokens)
+    counted = [i for i, r in enumerate(reqs)
+               if r.sampling_params.uses_penalties and not getattr(r, "mid_prompt_chunk", False)]
+    counted_rows = torch.tensor(counted, dtype=torch.int64).to(device, non_blocking=True)
+    return {
+        "output_token_counts": pool.counts.index_select(0, rows),
+        "prompt_token_mask": pool.prompt_mask.index_select(0, rows) if with_prompt_mask else None,
+        "penalty_counts": pool,
+        "counted_rows": counted_rows,
+        "counted_pool_rows": rows.index_select(0, counted_rows),
+    }
 
 
 def _token_mask(rows: Sequence[Iterable[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    flat = _flat_indices(rows, vocab_size).to(device, non_blocking=True)
+    flat = flat_indices(rows, vocab_size).to(device, non_blocking=True)
     mask = torch.zeros(len(rows) * vocab_size, dtype=torch.bool, device=device)
     mask[flat] = True
     return mask.view(len(rows), vocab_size)
@@ -206,8 +214,8 @@ def _logit_bias(sps: Sequence[Any], vocab_size: int, device: torch.device) -> Op
     if not any(sp.logit_bias for sp in sps):
         return None
     biases = [sp.logit_bias or {} for sp in sps]
-    flat = _flat_indices([[int(k) for k in b] for b in biases], vocab_size)
-    # Same filter as _flat_indices, applied to the values so they stay aligned with the ids.
+    flat = flat_indices([[int(k) for k in b] for b in biases], vocab_size)
+    # Same filter as flat_indices, applied to the values so they stay aligned with the ids.
     vals = torch.tensor(
         [float(v) for b in biases for k, v in b.items() if 0 <= int(k) < vocab_size], dtype=torch.float32
     )

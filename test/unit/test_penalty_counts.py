@@ -171,8 +171,9 @@ def test_device_counts_equal_the_streamed_ids_at_every_step(tmp_path, monkeypatc
     if overlap:  # penalized decode steps overlap like any other (no split, one token in flight)
         assert not any(split for _, split, _ in launches)
         assert sum(1 for inflight, _, pen in launches if inflight and pen) > 20
-    s.runner.penalty_counts.rows([])
-    assert s.runner.penalty_counts.rows_in_use == 0  # every finished request's row taken back
+    pool = s.runner.penalty_counts
+    assert pool.counts.shape[0] > 8 and pool.rows([]).numel() == 0
+    assert pool.rows_in_use == 0 and pool.counts.shape[0] == 1  # every row taken back, the memory too
 
 
 def test_penalized_tokens_are_the_same_under_both_schedules(tmp_path, monkeypatch):

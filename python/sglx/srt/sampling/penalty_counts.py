@@ -28,7 +28,8 @@ class PenaltyCounts:
       * `accumulate(rows, ids)` adds one sampled token per row, queued on the device: call it after every
         sampling whose token the request keeps.
       * A row is taken back once its request `finished()` (checked by `rows`). Work still queued for it (the
-        overlap schedule's step that ran ahead) is ordered before the next owner's fill by the stream.
+        overlap schedule's step that ran ahead) is ordered before the next owner's fill by the stream. With no
+        row left in use the tensors shrink back to the zero row.
       * A retracted request keeps its row: its output ids do not change, so its counts stay true.
     """
 
@@ -74,6 +75,10 @@ class PenaltyCounts:
             if self.owners[row].finished():
                 del self.row_of[key]
                 self.owners[row] = None
+        if not self.row_of and len(self.owners) > 1:
+            # No penalized request left: give the rows' memory back (to torch's allocator) until the next one.
+            self.counts, self.prompt_mask = self.counts[:1].clone(), self.prompt_mask[:1].clone()
+            self.owners = [None]
 
     def _take(self, req: Any) -> int:
         free = next((i for i in range(1, len(self.owners)) if self.owners[i] is None), None)

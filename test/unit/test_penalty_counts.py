@@ -4,12 +4,13 @@ The pool alone: rows filled from host ids, advanced by `accumulate`, taken back 
 filled afresh for the next owner. Through the scheduler: under the overlap schedule, memory pressure
 (retraction) and chunked prefill, every batch's counts and prompt masks equal those computed from what each
 request streamed up to that step, penalized decode steps overlap instead of being split, and the tokens equal
-the synchronous schedule's.
+the synchronous schedule's. Beside grammars, whose steps are still split, the counts hold too.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from types import SimpleNamespace
 from typing import Dict, List
@@ -190,3 +191,33 @@ def test_penalized_tokens_are_the_same_under_both_schedules(tmp_path, monkeypatc
     plain = [r for r in greedy_long if not params[r].uses_penalties]
     assert freq and plain and repeats(freq) / len(freq) < repeats(plain) / len(plain)
     assert Counter(len(out_sync[r]) for r in freq) == Counter({60: len(freq)})
+
+
+def test_penalized_grammar_requests_in_split_steps(tmp_path, monkeypatch):
+    """A request with a grammar samples in a split step (after the previous step's ids reach the host): its
+    penalty counts, and those of the penalized free requests batched with it, still follow the streamed ids."""
+    pytest.importorskip("xgrammar")
+    s = make_scheduler(tmp_path, max_total_tokens=4096, chunked_prefill_size=64)
+    params = {}
+    for i in range(8):
+        constraint = {"regex": r"[0-9]{2,12}(yes|no)"} if i % 2 else {"ignore_eos": True}
+        sp = SamplingParams(max_new_tokens=24, temperature=0.0 if i % 4 < 2 else 0.8, sampling_seed=i,
+                            frequency_penalty=1.0, repetition_penalty=1.3 if i % 3 else 1.0, **constraint)
+        sp.verify()
+        sp.normalize()
+        s.process_input(TokenizedGenerateReqInput(str(i), None, list(range(100, 130 + 40 * (i % 3))), sp))
+        params[str(i)] = sp
+    seen = record_sampling(monkeypatch)
+    split = []
+    real_launch = s.launch_batch
+    s.launch_batch = lambda batch, *a, **kw: split.append(kw.get("before_sampling")) or real_launch(batch, *a, **kw)
+    outputs: Dict[str, List[int]] = {}
+    finished = run_until_idle(s, outputs=outputs)
+    assert len(finished) == 8 and s.internal_state()["kv_leak_free"]
+    assert sum(f is not None for f in split) > 5  # the grammar's steps were split
+    checked, _ = check_counts(seen, params, outputs)
+    assert checked > 100
+    for rid, sp in params.items():
+        if sp.regex:  # at most 14 tokens: every one ends on the grammar's stop token, its text matching
+            assert finished[rid][0]["type"] == "stop", (rid, finished[rid])
+            assert re.fullmatch(r"[0-9]{2,12}(yes|no)", s.tokenizer.decode(outputs[rid][:-1])), rid

@@ -63,7 +63,7 @@ class PenaltyCounts:
             out.append(row)
         if new:
             self._fill([row for row, _ in new], [r.output_ids for _, r in new], [r.origin_input_ids for _, r in new])
-        return _to_device([out], self.device)[0]
+        return _to_device(out, self.device)
 
     def accumulate(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
         """counts[rows[i], ids[i]] += 1 on the device (rows distinct, as in one batch, so no pair repeats)."""
@@ -97,7 +97,7 @@ class PenaltyCounts:
 
     def _fill(self, rows: List[int], outputs: Sequence[Iterable[int]], prompts: Sequence[Iterable[int]]) -> None:
         """Set the rows from host ids in a few batched ops, whatever a previous owner left there."""
-        index = _to_device([rows], self.device)[0]
+        index = _to_device(rows, self.device)
         self.counts.index_fill_(0, index, 0)
         self.prompt_mask.index_fill_(0, index, False)
         out_flat = flat_indices(outputs, self.vocab_size, rows).to(self.device, non_blocking=True)
@@ -124,5 +124,5 @@ def flat_indices(rows: Sequence[Iterable[int]], vocab_size: int, row_numbers: Op
     return (row_idx * vocab_size + ids)[valid]
 
 
-def _to_device(lists: Sequence[Sequence[int]], device: torch.device) -> List[torch.Tensor]:
-    return [torch.tensor(v, dtype=torch.int64).to(device, non_blocking=True) for v in lists]
+def _to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)

@@ -1,8 +1,9 @@
 """Device tensors describing how each request of a batch samples its next token.
 
-Built from scratch every step from the requests' python state (`from_reqs`): a loop over requests gathers
-python lists, then a handful of batched tensor ops turn them into [bs] / [bs, vocab] tensors. Anything no
-request in the batch uses stays None so the sampler can skip it entirely.
+Built every step from the requests' python state (`from_reqs`): a loop over requests gathers python lists,
+then a handful of batched tensor ops turn them into [bs] / [bs, vocab] tensors. The penalties' token counts
+are the exception: they persist on the device across steps (penalty_counts.py) and are only gathered here.
+Anything no request in the batch uses stays None so the sampler can skip it entirely.
 """
 
 from __future__ import annotations

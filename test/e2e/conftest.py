@@ -51,6 +51,7 @@ class ServerHandle:
         assert state["kv_leak_free"], state
         assert state["available_kv_tokens"] + state["evictable_kv_tokens"] == state["max_total_num_tokens"], state
         assert state["protected_kv_tokens"] == 0, state
+        assert state["penalty_rows_live"] == 0, state
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -72,6 +72,32 @@ def test_batch_generate_and_n(server):
     assert len({tuple(m["output_ids"]) for m in many}) > 1
 
 
+def test_penalties_batched_match_alone_and_a_dropped_stream_frees_its_row(server):
+    """Penalized greedy requests give the same text alone and batched with others (their device counts are
+    per request), a penalty changes what is written, and a penalized stream the client drops is aborted: the
+    autouse leak check then finds no count row still held (`penalty_rows_live`)."""
+    prompt = "Count with me: one, two, three, four,"
+    pen = {"max_new_tokens": 20, **GREEDY, "frequency_penalty": 1.5, "presence_penalty": 0.5}
+    rep = {"max_new_tokens": 20, **GREEDY, "repetition_penalty": 1.6}
+    alone = [generate(server, {"text": prompt, "sampling_params": sp})["output_ids"] for sp in (pen, rep)]
+    plain = generate(server, {"text": prompt, "sampling_params": {"max_new_tokens": 20, **GREEDY}})["output_ids"]
+    assert plain not in alone
+    jobs = [(prompt, pen), (prompt, rep)] + [(f"Story {i}: the", {"max_new_tokens": 20, **GREEDY,
+                                                               "frequency_penalty": 0.1 * i}) for i in range(6)]
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        batched = list(ex.map(lambda j: generate(server, {"text": j[0], "sampling_params": j[1]})["output_ids"],
+                              jobs))
+    assert batched[:2] == alone
+    aborted = server.server_info()["internal_state"]["num_aborted_reqs"]
+    with requests.post(server.url("/generate"), json={
+            "text": prompt, "stream": True, "sampling_params": {**pen, "max_new_tokens": 2000, "ignore_eos": True}},
+            stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        assert sum(1 for line, _ in zip(lines, range(4)) if line) >= 1  # a few chunks, then the client leaves
+    state = server.wait_idle()
+    assert state["num_aborted_reqs"] == aborted + 1 and state["penalty_rows_live"] == 0, state
+
+
 def test_stop_strings_are_not_leaked(server):
     base = generate(server, {"text": "Count: 1, 2, 3, 4,", "sampling_params": {"max_new_tokens": 12, **GREEDY}})
     text = base["text"]

@@ -59,7 +59,9 @@ def test_rows_fill_accumulate_release_and_reuse():
     assert torch.equal(pool.counts[rows[2]], bincount([7, 49, 0]))
     assert not pool.counts[ZERO_ROW].any() and not pool.prompt_mask[ZERO_ROW].any()
 
+    assert pool.live_rows == 2
     a.finished_reason = {"type": "length"}
+    assert pool.live_rows == 1
     d = fake_req([9], [8], presence_penalty=1.0)
     (row_d,) = pool.rows([d]).tolist()
     assert row_d == int(rows[0]) and pool.rows_in_use == 2  # a's row, refilled for d: no stale counts
@@ -173,6 +175,7 @@ def test_device_counts_equal_the_streamed_ids_at_every_step(tmp_path, monkeypatc
         assert not any(split for _, split, _ in launches)
         assert sum(1 for inflight, _, pen in launches if inflight and pen) > 20
     pool = s.runner.penalty_counts
+    assert s.internal_state()["penalty_rows_live"] == 0 and pool.rows_in_use > 0  # finished, not yet swept
     assert pool.counts.shape[0] > 8 and pool.rows([]).numel() == 0
     assert pool.rows_in_use == 0 and pool.counts.shape[0] == 1  # every row taken back, the memory too
 

@@ -219,6 +219,8 @@ class Scheduler(SchedulerOutputProcessorMixin):
             # Skip-KV path: the slots above are a batch-token budget only; the pool itself holds 0 bytes.
             "skip_kv_cache": self.runner.skip_kv_cache,
             "kv_pool_bytes": self.runner.token_to_kv_pool.mem_usage_bytes(),
+            # Penalized requests' device count rows held by unfinished requests (0 when idle).
+            "penalty_rows_live": self.runner.penalty_counts.live_rows,
         }
 
     def is_idle(self) -> bool:

@@ -45,6 +45,12 @@ class PenaltyCounts:
     def rows_in_use(self) -> int:
         return len(self.row_of)
 
+    @property
+    def live_rows(self) -> int:
+        """Rows whose request has not finished (rows_in_use also counts finished ones not yet taken back). An
+        idle scheduler has none: one would be a request dropped without finishing, its row never freed."""
+        return sum(not self.owners[row].finished() for row in self.row_of.values())
+
     def rows(self, reqs: Sequence[Any], inflight_tokens: int = 0) -> torch.Tensor:
         """[len(reqs)] int64 rows on the device (see the class docstring)."""
         self._release_finished()

@@ -2,7 +2,7 @@
 
 Prefill of three prompts and two decode steps through the ModelRunner (torch_native backend): the last-position
 logits must match transformers' full forward over the same tokens. Qwen3 covers the per-head q/k norms, Qwen2
-the qkv biases.
+the qkv biases, qwen3-yarn YaRN rope scaling.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ def tiny_hf(arch: str):
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
         return model
-    model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True))
+    rope = {}
+    if arch == "qwen3-yarn":  # YaRN from a 64-token original context: the ramp and attention factor both act
+        rope = {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                    "rope_theta": 10000.0}}
+    model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True, **rope))
     with torch.no_grad():  # norm weights start at one: make the q/k norms count
         for layer in model.model.layers:
             layer.self_attn.q_norm.weight.normal_(1, 0.3)
@@ -39,7 +43,7 @@ def tiny_hf(arch: str):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3-yarn"])
 def test_forward_matches_transformers(tmp_path, arch):
     hf = tiny_hf(arch).eval()
     hf.save_pretrained(str(tmp_path))

@@ -48,6 +48,41 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: Dict[str, Any]) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1.0 else 1.0
+
+
+def _yarn_inv_freq(base: float, rotary_dim: int, max_position: int, s: Dict[str, Any]) -> Tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): (inverse frequencies, factor applied to cos and sin).
+
+    Dimensions that rotate fewer than `beta_slow` times over the original context are interpolated (divided
+    by `factor`), those rotating more than `beta_fast` times keep their frequency, and a linear ramp blends the
+    ones between; the attention factor is 0.1 ln(factor) + 1 unless the config gives it (or DeepSeek's
+    mscale / mscale_all_dim pair)."""
+    factor = float(s["factor"])
+    old_ctx = s.get("original_max_position_embeddings") or max_position
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def dim_of(rotations: float) -> float:  # the dimension that rotates `rotations` times over old_ctx
+        return rotary_dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of zero width would divide by zero
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    inv_freq = extrapolated / factor * ramp + extrapolated * (1 - ramp)
+    attention = s.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                     if mscale and mscale_all_dim else _yarn_mscale(factor))
+    return inv_freq, float(attention)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(
         self,
@@ -64,16 +99,21 @@ class RotaryEmbedding(nn.Module):
         self.is_neox_style = is_neox_style
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
         rope_type = (scaling or {}).get("rope_type", "default")
+        attention_factor = 1.0
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
         elif rope_type == "linear":
             inv_freq = inv_freq / scaling["factor"]
+        elif rope_type == "yarn":
+            inv_freq, attention_factor = _yarn_inv_freq(base, rotary_dim, max_position, scaling)
         elif rope_type != "default":
             raise NotImplementedError(f"rope scaling type {rope_type!r} is not supported yet")
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
-        # [max_position, rotary_dim]: cos | sin halves, kept fp32 and cast at use.
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+        # [max_position, rotary_dim]: cos | sin halves, kept fp32 and cast at use. YaRN's attention factor is
+        # folded in (it scales q.k by its square, as transformers and SGLang apply it).
+        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_factor
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -137,5 +177,10 @@ def qk_norm_rope(
 
 def get_rope(hf_config: Any, head_dim: int, max_position: int, is_neox_style: bool = True) -> RotaryEmbedding:
     theta, scaling = rope_config(hf_config)
-    partial = getattr(hf_config, "partial_rotary_factor", 1.0)
+    # transformers 5 moves partial_rotary_factor into rope_parameters; older configs keep it at the top.
+    params = getattr(hf_config, "rope_parameters", None)
+    partial = getattr(hf_config, "partial_rotary_factor", None)
+    if partial is None and isinstance(params, dict):
+        partial = params.get("partial_rotary_factor")
+    partial = partial or 1.0
     return RotaryEmbedding(head_dim, int(head_dim * partial), max_position, theta, is_neox_style, scaling)

@@ -36,6 +36,30 @@ def test_pressure_completes_everything_without_leaks(tmp_path, page_size, radix,
     assert state["available_kv_tokens"] + state["evictable_kv_tokens"] == state["max_total_num_tokens"]
 
 
+def test_schedule_conservativeness_scales_the_decode_reservation(tmp_path):
+    """--schedule-conservativeness scales the share of max_new_tokens that admission reserves for decoding:
+    below 1 the scheduler admits more and retracts more, above 1 fewer. The ratio decays as decode runs and
+    starts over once the scheduler is idle (SGLang's scheme)."""
+    retracted = {}
+    for c in (0.3, 1.0, 3.0):
+        (tmp_path / str(c)).mkdir()
+        s = make_scheduler(tmp_path / str(c), max_total_tokens=1536, page_size=4, max_running_requests=24,
+                           schedule_conservativeness=c)
+        assert s.new_token_ratio == pytest.approx(min(0.7 * c, 1.0)) == s.init_new_token_ratio
+        rng = random.Random(5)
+        for i in range(60):
+            submit(s, str(i), [rng.randrange(100, 40000) for _ in range(rng.choice([10, 40]))], rng.choice([32, 96]))
+        for _ in range(40):
+            s.step()
+        assert s.new_token_ratio != s.init_new_token_ratio  # decayed, or raised by a retraction
+        run_until_idle(s)
+        assert s.new_token_ratio == s.init_new_token_ratio  # idle: back to the start
+        state = s.internal_state()
+        assert state["kv_leak_free"]
+        retracted[c] = state["num_retracted_reqs"]
+    assert retracted[0.3] > retracted[1.0] >= retracted[3.0], retracted
+
+
 def test_prefix_reuse_and_abort(tmp_path):
     s = make_scheduler(tmp_path, max_total_tokens=4096, page_size=16, chunked_prefill_size=64)
     prefix = list(range(1000, 1500))

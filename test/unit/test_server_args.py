@@ -25,6 +25,12 @@ def test_unsupported_flags_are_refused_not_ignored(kw, flag):
         ServerArgs(device="cpu", **kw)
 
 
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_schedule_conservativeness_must_be_positive(value):
+    with pytest.raises(ValueError, match="--schedule-conservativeness must be > 0"):
+        ServerArgs(device="cpu", schedule_conservativeness=value).validate()
+
+
 def test_cpu_defaults_to_torch_native():
     args = ServerArgs(device="cpu")
     assert (args.prefill_attention_backend, args.decode_attention_backend) == ("torch_native", "torch_native")

@@ -179,6 +179,8 @@ class ServerArgs:
             raise ValueError("--page-size must be >= 1")
         if self.schedule_policy not in ("fcfs", "lpm", "random", "lof"):
             raise ValueError(f"--schedule-policy must be one of fcfs, lpm, random, lof; got {self.schedule_policy}")
+        if not self.schedule_conservativeness > 0.0:
+            raise ValueError("--schedule-conservativeness must be > 0 (below 1 admits more, above 1 fewer)")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
         if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:

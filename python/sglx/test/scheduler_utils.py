@@ -46,11 +46,13 @@ def submit(s: Scheduler, rid: str, ids, max_new: int) -> None:
 
 
 def run_until_idle(s: Scheduler, max_steps: int = 20000, outputs=None):
-    """Step the scheduler (overlapped unless the scheduler was built with it off) until it is idle; returns
+    """Step the scheduler (overlapped unless the scheduler was built with it off) until it is idle (then its
+    `on_idle`, as the event loop); returns
     {rid: (finish reason, completion tokens)} and, if given, fills `outputs` with each request's streamed ids."""
     finished = {}
     for _ in range(max_steps):
         if s.is_idle():
+            s.on_idle()  # as the event loop does
             return finished
         assert s.step() or s.grammar_manager.pending, f"scheduler stuck: {s.internal_state()}"
         for m in s.send_to_detokenizer.msgs:

@@ -71,9 +71,12 @@ from sglx.srt.utils import PortArgs, get_zmq_socket
 
 logger = logging.getLogger(__name__)
 
+# Admission reserves new_token_ratio x the remaining max_new_tokens of each request for its decode. The ratio
+# starts at INIT x --schedule-conservativeness (capped at 1), falls linearly to MIN_FACTOR x that over DECAY_STEPS
+# decode steps, rises by 0.1 at each retraction and starts over whenever the scheduler is idle (SGLang's scheme).
 INIT_NEW_TOKEN_RATIO = 0.7
-MIN_NEW_TOKEN_RATIO = 0.1
-NEW_TOKEN_RATIO_DECAY = 0.001
+MIN_NEW_TOKEN_RATIO_FACTOR = 0.14
+NEW_TOKEN_RATIO_DECAY_STEPS = 600
 # How long an otherwise idle step waits for a grammar to compile before it looks at the socket again.
 GRAMMAR_POLL_S = 0.05
 
@@ -146,7 +149,11 @@ class Scheduler(SchedulerOutputProcessorMixin):
         self.waiting_queue: List[Req] = []
         self.running_reqs: List[Req] = []
         self.chunked_req: Optional[Req] = None
-        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.init_new_token_ratio = min(INIT_NEW_TOKEN_RATIO * server_args.schedule_conservativeness, 1.0)
+        self.min_new_token_ratio = self.init_new_token_ratio * MIN_NEW_TOKEN_RATIO_FACTOR
+        self.new_token_ratio_decay = (self.init_new_token_ratio - self.min_new_token_ratio) / \
+            NEW_TOKEN_RATIO_DECAY_STEPS
+        self.new_token_ratio = self.init_new_token_ratio
         self.forward_ct = 0
         self.num_retracted = 0
         self.num_aborted = 0  # queued requests that ended aborted (a client gone or asking, or a server limit)
@@ -239,7 +246,12 @@ class Scheduler(SchedulerOutputProcessorMixin):
             if self.step():
                 self.profiler.step()
             elif self.is_idle():
-                self.check_memory()
+                self.on_idle()
+
+    def on_idle(self) -> None:
+        """Nothing to do: check for leaks, and let the next admission start from the initial ratio again."""
+        self.check_memory()
+        self.new_token_ratio = self.init_new_token_ratio
 
     def step(self) -> bool:
         """One scheduling step: run (or, overlapped, launch) the next batch. False if nothing happened."""
@@ -416,6 +428,8 @@ class Scheduler(SchedulerOutputProcessorMixin):
         state = self.internal_state()
         if not state["kv_leak_free"]:
             logger.error("KV leak while idle: %s", state)
+        if state["penalty_rows_live"]:
+            logger.error("penalty count rows held while idle: %s", state)
 
     # ------------------------------------------------------------------ batching
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
@@ -480,7 +494,7 @@ class Scheduler(SchedulerOutputProcessorMixin):
                 self.retract_chunked_req()
             else:
                 break
-        self.new_token_ratio = max(self.new_token_ratio - NEW_TOKEN_RATIO_DECAY, MIN_NEW_TOKEN_RATIO)
+        self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
         batch.prepare_for_decode()
         return batch
 

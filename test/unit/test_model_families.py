@@ -45,9 +45,15 @@ def tiny_hf(arch: str):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3-yarn"])
 def test_forward_matches_transformers(tmp_path, arch):
+    check_forward(tmp_path, arch, "cpu")
+
+
+def check_forward(tmp_path, arch: str, device: str, tol: float = 1e-4, **server_kw) -> None:
+    """Prefill and two decode steps of the tiny `arch` on `device` against transformers' forward on the CPU."""
     hf = tiny_hf(arch).eval()
     hf.save_pretrained(str(tmp_path))
-    sa = ServerArgs(model_path=str(tmp_path), tokenizer_path=str(tmp_path), device="cpu", max_total_tokens=2048)
+    sa = ServerArgs(model_path=str(tmp_path), tokenizer_path=str(tmp_path), device=device, max_total_tokens=2048,
+                    **server_kw)
     runner = ModelRunner(ModelConfig.from_path(str(tmp_path), dtype="float32"), sa)
     reqs = PlacedRequests(runner, [7, 30, 1], 96, room=4)
 
@@ -55,14 +61,14 @@ def test_forward_matches_transformers(tmp_path, arch):
         with torch.no_grad():
             return hf(torch.tensor([tokens])).logits[0, -1]
 
-    got = reqs.prefill()
+    got = reqs.prefill().cpu()
     seqs = [list(p) for p in reqs.prompts]
     for i, s in enumerate(seqs):
-        torch.testing.assert_close(got[i], want(i, s), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[i], want(i, s), rtol=tol, atol=tol)
     for _ in range(2):
         for i, t in enumerate(reqs.last_tokens):
             seqs[i].append(t)
-        got = runner.forward(reqs.decode_batch([0, 1, 2])).next_token_logits
+        got = runner.forward(reqs.decode_batch([0, 1, 2])).next_token_logits.cpu()
         for i, s in enumerate(seqs):
-            torch.testing.assert_close(got[i], want(i, s), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got[i], want(i, s), rtol=tol, atol=tol)
         reqs.last_tokens = got.argmax(-1).tolist()

@@ -35,6 +35,8 @@ def test_prompt_longer_than_context(server):
     {"max_new_tokens": -3}, {"repetition_penalty": 0}, {"frequency_penalty": 5}, {"temperature": "hot"},
     {"no_such_param": 1}, {"skip_special_tokens": "no"}, {"ignore_eos": 1},  # a non-bool once killed the server
     {"n": 0}, {"n": 129}, {"n": "2"}, {"n": True}, {"n": 2**70},  # 2**70 copies once took the server's memory
+    {"regex": "[0-9]+", "constrain_after_reasoning": True},  # no --reasoning-parser on this server
+    {"constrain_after_reasoning": "yes"},
 ])
 def test_invalid_sampling_values(server, sp):
     r = requests.post(server.url("/generate"), json={"text": "hi", "sampling_params": sp}, timeout=60)

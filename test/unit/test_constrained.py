@@ -235,3 +235,69 @@ def test_a_grammar_left_with_no_allowed_token_aborts(tmp_path):
     assert finished["r"][0]["type"] == "abort" and "no continuation" in finished["r"][0]["message"]
     assert s.tokenizer.decode(outputs["r"][:1]) == "a" and len(outputs["r"]) == 2
     assert s.internal_state()["kv_leak_free"]
+
+
+# ---------------------------------------------------------------- constraint after the reasoning
+def test_reasoner_grammar_gates_its_grammar(tokenizer, backend):
+    """The masks come from the tokenizer's strings, not from the wrapper: before the start tag the regex's
+    tokens and the start tag, inside the reasoning every token, after the end tag the regex's tokens again."""
+    from sglx.srt.constrained.reasoner_grammar import ReasonerGrammarObject
+
+    digits = {i for i in range(len(tokenizer)) if re.fullmatch("[0-9]+", tokenizer.decode([i]))}
+    letter = tokenizer.encode("a")[0]
+    # a start id in the sign bit of its mask word, where an int32 write could overflow
+    start = next(i for i in range(31, 49152, 32) if i not in digits)
+    end = next(i for i in range(200, 49152) if i not in digits and i != start)
+    inner = backend.compile(("regex", "[0-9]+"))
+    g = ReasonerGrammarObject(inner.copy(), end, start)
+    assert _allowed(g) == digits | {start}
+    assert not g.accept_token(letter) and _allowed(g) == digits | {start}  # refused: still at the start
+    assert g.accept_token(start) and _allowed(g) == set(range(49152))
+    assert g.accept_token(letter) and g.accept_token(start) and not g.is_terminated()  # anything, thinking
+    assert g.accept_token(end) and _allowed(g) == digits and not g.is_terminated()
+    assert not g.accept_token(letter)
+    assert g.accept_token(min(digits)) and g.accept_token(2) and g.is_terminated()
+    # A model that answers at once is constrained from its first token; a copy starts over.
+    g2 = g.copy()
+    assert g2.accept_token(min(digits)) and _allowed(g2) == digits | {2}
+    assert g2.accept_token(2) and g2.is_terminated() and g.copy().state == "start"
+    # Without a start tag (DeepSeek-R1: the prompt opened the reasoning) the output starts inside it.
+    g3 = ReasonerGrammarObject(inner.copy(), end)
+    assert _allowed(g3) == set(range(49152)) and g3.accept_token(letter) and g3.accept_token(end)
+    assert _allowed(g3) == digits
+
+
+def _run_alone(s, rid, prompt, seed, **kw):
+    sp = SamplingParams(max_new_tokens=40, temperature=1.0, sampling_seed=seed, **kw)
+    sp.verify()
+    sp.normalize()
+    s.process_input(TokenizedGenerateReqInput(rid, None, prompt, sp))
+    outputs = {}
+    finished = run_until_idle(s, outputs=outputs)
+    return finished[rid][0], outputs[rid]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_constraint_after_the_reasoning_through_the_scheduler(tmp_path, overlap):
+    """The reference is the same seeded request without any constraint: up to and including the end tag the
+    constrained-after-reasoning output is token for token that free output (the reasoning is not touched),
+    and what follows matches the regex, checked by python's re. Without the flag the regex holds at once."""
+    s = make_scheduler(tmp_path, max_total_tokens=4096, disable_overlap_schedule=not overlap)
+    prompt, seed, regex = list(range(300, 330)), 7, r"[0-9]{3}-(yes|no)"
+    _, free = _run_alone(s, "free", prompt, seed, ignore_eos=True)
+    k = next(i for i in range(4, len(free)) if free[i] not in free[:i] and free[i] != 2)
+    start, end = free[0], free[k]  # the model "opens" its reasoning with its first token, closes it at k
+    for tags, rid in [((start, end), "opened"), ((None, end), "open-from-the-prompt")]:
+        s.grammar_manager.reasoning_tags = tags
+        fr, out = _run_alone(s, rid, prompt, seed, regex=regex, constrain_after_reasoning=True)
+        assert out[: k + 1] == free[: k + 1], rid
+        assert fr == {"type": "stop", "matched": 2} and out[-1] == 2, (rid, fr)
+        assert re.fullmatch(regex, s.tokenizer.decode(out[k + 1:-1])), s.tokenizer.decode(out[k + 1:-1])
+    # A model that does not open its reasoning is held to the constraint from its first token.
+    s.grammar_manager.reasoning_tags = (start, end)
+    fr, out = _run_alone(s, "no-thinking", prompt, seed, regex=regex, constrain_after_reasoning=True,
+                         logit_bias={str(start): -100.0})
+    assert fr["type"] == "stop" and re.fullmatch(regex, s.tokenizer.decode(out[:-1]))
+    fr, out = _run_alone(s, "flag-off", prompt, seed, regex=regex)
+    assert fr["type"] == "stop" and re.fullmatch(regex, s.tokenizer.decode(out[:-1]))
+    assert s.internal_state()["kv_leak_free"]

@@ -683,13 +683,38 @@ def test_reasoning_content_is_split_from_the_answer(client, base_url, fake_tm, m
     assert r["choices"][0]["message"]["reasoning_content"] is None
 
 
-def test_constrained_output_is_all_answer(client, fake_tm, monkeypatch):
-    """DeepSeek-R1's outputs start inside the reasoning, but a constrained output has no room for thinking."""
+def test_constrained_output_is_all_answer_without_single_token_tags(client, fake_tm, monkeypatch):
+    """DeepSeek-R1's outputs start inside the reasoning; but where no single token closes it (this tokenizer
+    has no `</think>` token) a constraint can only hold from the first token, so the output is all answer."""
     import types
 
     monkeypatch.setattr(fake_tm, "server_args", types.SimpleNamespace(reasoning_parser="deepseek-r1"), raising=False)
+    monkeypatch.setattr(fake_tm, "reasoning_tags", None, raising=False)
     monkeypatch.setitem(globals(), "REPLIES", ['{"a": 1}'])
     chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format={"type": "json_object"})
     assert chat.choices[0].message.content == '{"a": 1}' and chat.choices[0].message.reasoning_content is None
+    assert "constrain_after_reasoning" not in fake_tm.received[-1].sampling_params
     free = client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert free.choices[0].message.reasoning_content == '{"a": 1}' and free.choices[0].message.content == ""
+
+
+def test_constraint_starts_after_the_thinking(client, base_url, fake_tm, monkeypatch):
+    """With single-token tags, a constrained request that thinks asks for its constraint after the thinking,
+    and its answer comes apart from it; with thinking off in the template, the constraint holds from the start."""
+    import types
+
+    monkeypatch.setattr(fake_tm, "server_args", types.SimpleNamespace(reasoning_parser="qwen3"), raising=False)
+    monkeypatch.setattr(fake_tm, "reasoning_tags", (7, 8), raising=False)
+    monkeypatch.setitem(globals(), "REPLIES", ['<think>\nA JSON object.\n</think>\n\n{"a": 1}'])
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format={"type": "json_object"})
+    assert chat.choices[0].message.reasoning_content == "\nA JSON object.\n"
+    assert chat.choices[0].message.content == '{"a": 1}'
+    assert fake_tm.received[-1].sampling_params["constrain_after_reasoning"] is True
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
+                                                 response_format={"type": "json_object"}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == '{"a": 1}'
+    for kwargs in ({"enable_thinking": False}, {"thinking": False}):
+        r = requests.post(f"{base_url}/v1/chat/completions", json={
+            "messages": MESSAGES, "response_format": {"type": "json_object"}, "chat_template_kwargs": kwargs})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["reasoning_content"] is None
+        assert "constrain_after_reasoning" not in fake_tm.received[-1].sampling_params

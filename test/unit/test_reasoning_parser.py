@@ -36,3 +36,21 @@ def test_reasoning_streams_before_the_end_tag():
     assert stream.feed("<think>step one, ") == ("step one, ", "")
     assert stream.feed("step two</th") == ("step two", "")  # "</th" may close it: held back
     assert stream.feed("ink>\n\nDone") == ("", "Done")
+
+
+def test_reasoning_tag_ids_need_single_tokens():
+    """SmolLM2's tokenizer spells `<think>` in several pieces: no gate. Given the tags as tokens (as Qwen3's and
+    DeepSeek-R1's tokenizers have them) the ids are theirs; R1's output starts inside, so it needs no start id."""
+    from sglx.srt.hf_transformers_utils import get_tokenizer
+    from sglx.srt.reasoning_parser import reasoning_tag_ids
+    from sglx.srt.server_args import default_model_path
+
+    tok = get_tokenizer(default_model_path())
+    assert reasoning_tag_ids(tok, "qwen3") is None and reasoning_tag_ids(tok, "deepseek-r1") is None
+    assert reasoning_tag_ids(tok, None) is None
+    tok.add_special_tokens({"additional_special_tokens": ["</think>"]})
+    end = tok.convert_tokens_to_ids("</think>")
+    assert reasoning_tag_ids(tok, "deepseek-r1") == (None, end)
+    assert reasoning_tag_ids(tok, "qwen3") is None  # its start tag is still several tokens
+    tok.add_special_tokens({"additional_special_tokens": ["<think>"]})
+    assert reasoning_tag_ids(tok, "qwen3") == (tok.convert_tokens_to_ids("<think>"), end)

@@ -9,7 +9,7 @@ the start of a tag. An output that never closes its reasoning is all reasoning (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from sglx.srt.utils import partial_prefix_len
 
@@ -76,3 +76,25 @@ def split_reasoning(text: str, fmt: ReasoningFormat) -> Tuple[str, str]:
     r1, a1 = stream.feed(text)
     r2, a2 = stream.flush()
     return r1 + r2, a1 + a2
+
+
+def reasoning_tag_ids(tokenizer: Any, parser: Optional[str]) -> Optional[Tuple[Optional[int], int]]:
+    """(start tag id, end tag id) of `parser`'s format (a --reasoning-parser name, or None), for a constraint
+    that starts after the thinking (constrained/reasoner_grammar.py). The start id is None for a format whose
+    output starts inside the reasoning. None when there is no parser or a tag the gate needs is not one token
+    of the tokenizer (Qwen3's and DeepSeek-R1's are): the constraint can then only hold from the first token."""
+    if parser is None or tokenizer is None:
+        return None
+    fmt = REASONING_PARSERS[parser]
+    end = _one_token(tokenizer, fmt.end)
+    if end is None:
+        return None
+    if fmt.starts_in_reasoning:
+        return None, end
+    start = _one_token(tokenizer, fmt.start)
+    return None if start is None else (start, end)
+
+
+def _one_token(tokenizer: Any, text: str) -> Optional[int]:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None

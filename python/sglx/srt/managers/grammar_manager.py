@@ -19,15 +19,20 @@ from sglx.srt.constrained.base_grammar_backend import (
     GrammarKey,
     allocate_vocab_mask,
 )
+from sglx.srt.constrained.reasoner_grammar import ReasonerGrammarObject
 from sglx.srt.managers.schedule_batch import Req, finish_abort
 
 CACHE_SIZE = 1024  # distinct specs kept compiled
 
 
 class GrammarManager:
-    def __init__(self, make_backend: Callable[[], Optional[BaseGrammarBackend]]) -> None:
-        """`make_backend`: builds the backend (None: structured output is off, every constraint is refused)."""
+    def __init__(self, make_backend: Callable[[], Optional[BaseGrammarBackend]],
+                 reasoning_tags: Optional[Tuple[Optional[int], int]] = None) -> None:
+        """`make_backend`: builds the backend (None: structured output is off, every constraint is refused).
+        `reasoning_tags`: the (start, end) tokens of a reasoning model's thinking (reasoning_tag_ids), after
+        which the grammar of a request with `constrain_after_reasoning` starts to hold."""
         self._make_backend = make_backend
+        self.reasoning_tags = reasoning_tags
         self._backend: Optional[BaseGrammarBackend] = None
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="sglx-grammar")
         self._cache: "OrderedDict[GrammarKey, cf.Future]" = OrderedDict()
@@ -73,7 +78,7 @@ class GrammarManager:
                 continue
             err = fut.exception()
             if err is None:
-                req.grammar = fut.result().copy()
+                req.grammar = self._request_grammar(req, fut.result())
                 ready.append(req)
             else:
                 msg = str(err) if isinstance(err, GrammarError) else f"grammar compilation failed: {err!r}"
@@ -81,6 +86,13 @@ class GrammarManager:
                 failed.append(req)
         self.queue = still
         return ready, failed
+
+    def _request_grammar(self, req: Req, compiled: BaseGrammarObject) -> BaseGrammarObject:
+        grammar = compiled.copy()
+        if req.sampling_params.constrain_after_reasoning and self.reasoning_tags is not None:
+            start, end = self.reasoning_tags
+            return ReasonerGrammarObject(grammar, end, start)
+        return grammar
 
     def abort(self, matches: Callable[[str], bool]) -> List[Req]:
         """Take the requests whose rid `matches` (AbortReq.matches) out of the queue, finished as aborted by the

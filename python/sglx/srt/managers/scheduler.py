@@ -64,6 +64,7 @@ from sglx.srt.mem_cache.radix_cache import RadixCache
 from sglx.srt.model_executor.batch_result import BatchResult
 from sglx.srt.model_executor.forward_batch import ForwardMode
 from sglx.srt.model_executor.model_runner import ModelRunner
+from sglx.srt.reasoning_parser import reasoning_tag_ids
 from sglx.srt.sampling.sampling_batch_info import needs_output_ids
 from sglx.srt.sampling.sampling_params import SamplingParams
 from sglx.srt.server_args import ServerArgs
@@ -164,7 +165,8 @@ class Scheduler(SchedulerOutputProcessorMixin):
         # Structured output: constrained requests wait here while their grammar compiles (grammar_manager.py).
         self.grammar_manager: Optional[GrammarManager] = None if self.is_embedding else GrammarManager(
             lambda: create_grammar_backend(server_args.grammar_backend, self.tokenizer, self.model_config.vocab_size,
-                                           self.eos_token_ids, server_args))
+                                           self.eos_token_ids, server_args),
+            reasoning_tags=reasoning_tag_ids(self.tokenizer, server_args.reasoning_parser))
 
         if port_args is not None:
             ctx = zmq.Context(2)

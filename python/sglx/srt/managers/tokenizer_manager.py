@@ -37,6 +37,7 @@ from sglx.srt.managers.io_struct import (
     new_rid,
 )
 from sglx.srt.metrics.collector import TokenizerMetricsCollector
+from sglx.srt.reasoning_parser import reasoning_tag_ids
 from sglx.srt.sampling.sampling_params import SamplingParams
 from sglx.srt.server_args import ServerArgs
 from sglx.srt.utils import PortArgs, get_zmq_socket
@@ -146,6 +147,9 @@ class TokenizerManager:
         self.max_req_input_len: int = scheduler_info["max_req_input_len"]
         self.vocab_size: int = scheduler_info["vocab_size"]
         self.scheduler_info = scheduler_info
+        # The tokens that open and close a thinking model's reasoning (None: no --reasoning-parser, or a tag that
+        # is not one token): requests may then ask for a constraint that starts after it (constrain_after_reasoning).
+        self.reasoning_tags = reasoning_tag_ids(self.tokenizer, server_args.reasoning_parser)
         # The scheduler knows best: an encoder (BertModel) serves embeddings even without --is-embedding.
         self.is_embedding: bool = bool(scheduler_info.get("is_embedding", server_args.is_embedding))
         self.embedding_normalized: bool = bool(scheduler_info.get("normalize", True))
@@ -252,6 +256,9 @@ class TokenizerManager:
             raise ValueError("sampling_params must be an object")
         sp = SamplingParams.from_dict(sp_dict)
         sp.verify(self.vocab_size)
+        if sp.constrain_after_reasoning and self.reasoning_tags is None:
+            raise ValueError("constrain_after_reasoning needs a server started with --reasoning-parser whose "
+                             "reasoning tags are single tokens of the tokenizer")
         sp.normalize()
         top_n = obj.top_logprobs_num or 0
         if not isinstance(top_n, int) or isinstance(top_n, bool) or not 0 <= top_n <= 20:

@@ -42,6 +42,9 @@ class SamplingParams:
     json_schema: Optional[str] = None
     regex: Optional[str] = None
     ebnf: Optional[str] = None
+    # With --reasoning-parser: the constraint holds from the end of the reasoning on, not from the first token
+    # (constrained/reasoner_grammar.py). The chat API sets it when the request thinks.
+    constrain_after_reasoning: bool = False
     # Derived in normalize()
     stop_strs: List[str] = field(default_factory=list)
     stop_str_max_len: int = 0
@@ -110,7 +113,8 @@ class SamplingParams:
         parallel_sample_num({"n": self.n})
         if self.sampling_seed is not None:
             num("seed", self.sampling_seed, int)
-        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
+                     "constrain_after_reasoning"):
             if not isinstance(getattr(self, name), bool):  # passed on to the tokenizer, which raises on a non-bool
                 raise SamplingParamsError(f"{name} must be a boolean, got {getattr(self, name)!r}")
         if self.stop is not None and not isinstance(self.stop, (str, list)):

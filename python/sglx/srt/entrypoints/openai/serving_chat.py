@@ -144,6 +144,7 @@ class OpenAIServingChat(OpenAIServingBase):
                 raise ValueError("tool_choice `required` or a named function already constrains the output: "
                                  "it cannot be combined with response_format, json_schema, regex or ebnf")
             sampling["json_schema"] = tools.constraint
+        reasoning = self.reasoning_format(req, sampling)
         plan = self.make_plan(
             req,
             [input_ids],
@@ -152,12 +153,26 @@ class OpenAIServingChat(OpenAIServingBase):
             top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0,
         )
         plan.tools = tools
-        parser = getattr(server_args, "reasoning_parser", None)
-        constrained = any(k in sampling for k in ("json_schema", "regex", "ebnf"))
-        if parser is not None and req.separate_reasoning is not False and not constrained:
-            # (A constrained output is all answer: the grammar leaves no room for a thinking part.)
-            plan.reasoning = REASONING_PARSERS[parser]
+        plan.reasoning = reasoning if req.separate_reasoning is not False else None
         return plan
+
+    def reasoning_format(self, req: ChatCompletionRequest, sampling: Dict[str, Any]) -> Optional[Any]:
+        """With --reasoning-parser, the format whose thinking the output may start with, else None. A
+        constrained output can think first only when the request thinks (its template's `enable_thinking` /
+        `thinking` not false) and the tags of its thinking are single tokens: its constraint then starts
+        after the thinking (`constrain_after_reasoning`; constrained/reasoner_grammar.py). Otherwise the constraint holds from the first token, and the output is
+        all answer."""
+        parser = getattr(getattr(self.tokenizer_manager, "server_args", None), "reasoning_parser", None)
+        if parser is None:
+            return None
+        if not any(k in sampling for k in ("json_schema", "regex", "ebnf")):
+            return REASONING_PARSERS[parser]
+        kwargs = req.chat_template_kwargs or {}
+        thinks = kwargs.get("enable_thinking") is not False and kwargs.get("thinking") is not False
+        if not thinks or getattr(self.tokenizer_manager, "reasoning_tags", None) is None:
+            return None
+        sampling["constrain_after_reasoning"] = True
+        return REASONING_PARSERS[parser]
 
     def apply_template(self, req: ChatCompletionRequest) -> List[int]:
         tokenizer = self.tokenizer_manager.tokenizer

@@ -160,8 +160,8 @@ class OpenAIServingChat(OpenAIServingBase):
         """With --reasoning-parser, the format whose thinking the output may start with, else None. A
         constrained output can think first only when the request thinks (its template's `enable_thinking` /
         `thinking` not false) and the tags of its thinking are single tokens: its constraint then starts
-        after the thinking (`constrain_after_reasoning`; constrained/reasoner_grammar.py). Otherwise the constraint holds from the first token, and the output is
-        all answer."""
+        after the thinking (`constrain_after_reasoning`; constrained/reasoner_grammar.py). Otherwise the
+        constraint holds from the first token, and the output is all answer."""
         parser = getattr(getattr(self.tokenizer_manager, "server_args", None), "reasoning_parser", None)
         if parser is None:
             return None

@@ -60,3 +60,20 @@ def test_boolean_sampling_flags_must_be_booleans(name, value):
     with pytest.raises(SamplingParamsError, match=name):
         SamplingParams.from_dict({name: value}).verify()
     SamplingParams.from_dict({name: True}).verify()
+
+
+def test_only_what_may_begin_a_stop_string_is_held_back():
+    """Streamed with stop strings, each step sends all of its text except an end that could still begin one: a
+    200-character stop string that never starts holds nothing back (it once held back the whole output)."""
+    tok = tokenizer()
+    ids = tok.encode(" The cat sat on the mat and then it went to sleep")
+    words = [tok.decode(ids[:k]) for k in range(1, len(ids) + 1)]
+    detok = IncrementalDetokenizer(tok)
+    sent = "".join(detok.step("long", [t], None, stop_strs=["Z" * 200]) for t in ids)
+    assert sent == words[-1]
+    detok = IncrementalDetokenizer(tok)
+    for k, t in enumerate(ids):
+        delta = detok.step("tail", [t], None, stop_strs=["matt", "e wen"])
+        text = words[k]
+        held = max((n for s in ("matt", "e wen") for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        assert detok.states["tail"].sent == text[: len(text) - held], (k, delta)

@@ -35,9 +35,15 @@ class PortArgs:
 def partial_prefix_len(text: str, tag: str) -> int:
     """The length of the longest end of `text` that is a proper prefix of `tag` (text that may still become
     `tag` once more arrives)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
+    if not tag:
+        return 0
+    # Candidate starts are the places of tag's first character among the last len(tag) - 1 characters; the
+    # earliest that matches gives the longest end. (Trying every length instead costs O(len(text) * len(tag)).)
+    p = text.find(tag[0], max(0, len(text) - len(tag) + 1))
+    while p != -1:
+        if tag.startswith(text[p:]):
+            return len(text) - p
+        p = text.find(tag[0], p + 1)
     return 0
 
 

@@ -11,7 +11,7 @@ import zmq
 from sglx.srt.hf_transformers_utils import get_tokenizer
 from sglx.srt.managers.io_struct import BatchStrOut, BatchTokenIDOut
 from sglx.srt.server_args import ServerArgs
-from sglx.srt.utils import PortArgs, get_zmq_socket
+from sglx.srt.utils import PortArgs, get_zmq_socket, partial_prefix_len
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ class IncrementalDetokenizer:
                     text = text[:pos]
             self.states.pop(rid, None)
         elif stop_strs:
-            # Hold back what could still turn into a stop string, so it is never streamed then retracted.
-            hold = max(len(s) for s in stop_strs) - 1
+            # Hold back what could still turn into a stop string, so it is never streamed then retracted: only
+            # an end of the text that begins one, not as many characters as the longest is long.
+            hold = max(partial_prefix_len(text, s) for s in stop_strs)
             text = text[: max(len(text) - hold, len(st.sent))]
         delta = text[len(st.sent) :]
         st.sent = text

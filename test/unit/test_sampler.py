@@ -271,6 +271,18 @@ def test_extreme_values_keep_the_model_s_choice():
     with pytest.raises(ValueError, match="logit_bias"):
         req(logit_bias={"3": -100.5})
     req(logit_bias={"3": -100.0, "4": 100})
+    for key in (" 5 ", "1_000", "\uff11\uff12", "5.0", "x"):  # int() takes the first three
+        with pytest.raises(ValueError, match="not a token id"):
+            req(logit_bias={key: 1.0})
+    req(logit_bias={"-0": 1.0, 7: 2.0})
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "frequency_penalty", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_sampling_values_are_refused(name, value):
+    """NaN passes every `<` range check (a NaN temperature once sampled token 0 every step): refused by name."""
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        req(**{name: value})
 
 
 # ---------------------------------------------------------------- logprobs

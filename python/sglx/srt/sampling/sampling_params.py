@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 _GREEDY_EPS = 1e-6
 TOP_K_ALL = 1 << 30
 LOGIT_BIAS_MAX = 100.0
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")
 # n (parallel samples of one prompt) at most this, OpenAI's limit: each sample becomes a request of its own.
 MAX_PARALLEL_SAMPLES = 128
 
@@ -77,6 +80,8 @@ class SamplingParams:
         def num(name: str, v: Any, kind=(int, float)) -> None:
             if isinstance(v, bool) or not isinstance(v, kind):
                 raise SamplingParamsError(f"{name} must be a number, got {v!r}")
+            if isinstance(v, float) and not math.isfinite(v):  # NaN passes every range check below
+                raise SamplingParamsError(f"{name} must be a finite number, got {v!r}")
 
         num("temperature", self.temperature)
         num("top_p", self.top_p)
@@ -132,10 +137,12 @@ class SamplingParams:
             if not isinstance(self.logit_bias, dict):
                 raise SamplingParamsError("logit_bias must be an object of token id -> bias")
             for k, v in self.logit_bias.items():
-                try:
+                if isinstance(k, int) and not isinstance(k, bool):
+                    tid = k
+                elif isinstance(k, str) and _TOKEN_ID_KEY.fullmatch(k):
                     tid = int(k)
-                except (TypeError, ValueError):
-                    raise SamplingParamsError(f"logit_bias key {k!r} is not a token id") from None
+                else:  # (int() alone would also take " 5 ", "1_000" and other digits than ASCII ones)
+                    raise SamplingParamsError(f"logit_bias key {k!r} is not a token id")
                 num("logit_bias value", v)
                 if not -LOGIT_BIAS_MAX <= v <= LOGIT_BIAS_MAX:  # OpenAI's range; 1e308 is inf in float32
                     raise SamplingParamsError(f"logit_bias values must be in [-100, 100], got {v} for {k!r}")

@@ -56,6 +56,34 @@ def test_openai_invalid_values(server):
     assert_still_serving(server)
 
 
+def test_bad_rids_and_abort_fields(server):
+    """A non-string rid inside a batch's rid list once got in, and the next /abort_request crashed the scheduler
+    on it (or a dict made a 500); a string abort_all ("false") once aborted every request."""
+    for rid in ([7, 8], ["p", {"x": 1}], [[1], [2]]):
+        r = requests.post(server.url("/generate"), json={"text": ["a", "b"], "rid": rid,
+                                                         "sampling_params": {"max_new_tokens": 2}}, timeout=60)
+        assert r.status_code == 400 and "rid" in r.json()["message"], (rid, r.text)
+    for body in ({"rid": "zzz", "abort_all": "false"}, {"abort_all": 1}, {"rid": 5}):
+        r = requests.post(server.url("/abort_request"), json=body, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+    assert requests.post(server.url("/abort_request"), json={"rid": "unrelated"}, timeout=60).status_code == 200
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("path,raw", [
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "temperature": NaN}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}'),
+    ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}'),
+    ("/generate", b'{"text": "a\\ud800b"}'),
+])
+def test_json_that_is_not_json_is_400(server, path, raw):
+    """Python's json module takes NaN (a NaN temperature once sampled token 0 every step) and lone surrogates
+    (the tokenizer then failed with a 500); every route now parses as strictly as /generate always did."""
+    r = requests.post(server.url(path), data=raw, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["message"], r.text
+    assert_still_serving(server)
+
+
 def test_unknown_model_is_404(server):
     for path, extra in [("/v1/completions", {"prompt": "hi"}),
                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:

@@ -152,6 +152,16 @@ def test_minilm_bad_input_is_400_then_served(minilm, body):
     assert post(minilm, "/v1/embeddings", {"input": "still here"}).status_code == 200
 
 
+@pytest.mark.parametrize("raw", [b'{"input": "a\\ud800b"}', b'{"input": ["ok", "a\\udfffb"]}',
+                                 b'{"input": "x", "dimensions": NaN}'])
+def test_minilm_json_that_is_not_json_is_400(minilm, raw):
+    """A lone surrogate once reached the tokenizer (a 500); NaN is not JSON either."""
+    r = requests.post(minilm.url("/v1/embeddings"), data=raw, headers={"Content-Type": "application/json"},
+                      timeout=60)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["message"], r.text
+    assert post(minilm, "/v1/embeddings", {"input": "still here"}).status_code == 200
+
+
 def test_minilm_context_truncation_unknown_model_and_generate(minilm):
     limit = minilm.server_info()["max_req_input_len"]
     assert limit == 256  # sentence_bert_config.json's max_seq_length (BERT's table has 512)

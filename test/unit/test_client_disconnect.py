@@ -54,7 +54,19 @@ def _manager(is_embedding: bool) -> TokenizerManager:
 
 
 def _aborted(tm) -> list:
-    return [m.rid for m in tm.send_to_scheduler.msgs if isinstance(m, AbortReq)]
+    return [r for m in tm.send_to_scheduler.msgs if isinstance(m, AbortReq) for r in m.rids]
+
+
+ABORTED = {"type": "abort", "message": "aborted by the client", "status_code": 400}
+
+
+def _scheduler_confirms(tm, rids, embedding=False) -> None:
+    """The scheduler's last message for each aborted request: it releases the rid."""
+    for rid in rids:
+        assert tm.rid_to_state[rid].abandoned, rid  # taken until now
+        tm._dispatch(BatchEmbeddingOut([rid], [None], [3], [ABORTED]) if embedding
+                     else BatchStrOut([rid], [ABORTED], [""], [[]], [3], [0], [0]))
+    assert not tm.rid_to_state
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +102,8 @@ def test_embedding_batch_is_aborted_while_outputs_keep_arriving():
     # Seen soon after leaving (one period, plus slack for a loaded machine), long before the 6 s the batch takes.
     assert 0.5 <= took < 3.0, took
     assert n // 2 < len(_aborted(tm)) < n  # everything unfinished was aborted, the finished ones were not
-    assert not tm.rid_to_state
+    assert set(tm.rid_to_state) == set(_aborted(tm))
+    _scheduler_confirms(tm, _aborted(tm), embedding=True)
     assert request.checks <= took / 0.3 + 1  # asked once per period, not once per output
 
 
@@ -115,7 +128,8 @@ def test_non_streamed_generation_is_aborted_while_tokens_keep_arriving():
 
     rid, took = asyncio.run(main())
     assert took < 3.0, took  # without the check it never ends (the loop gives up after 5 s)
-    assert _aborted(tm) == [rid] and not tm.rid_to_state
+    assert _aborted(tm) == [rid]
+    _scheduler_confirms(tm, [rid])
 
 
 def test_watch_without_a_request_waits_without_polling():
@@ -147,7 +161,7 @@ def test_a_failed_input_of_a_batch_stops_the_others():
         return rids, list(_aborted(tm)), dict(tm.rid_to_state)  # before asyncio.run cancels what is left
 
     rids, aborted, states = asyncio.run(main())
-    assert rids[1] in aborted and not states
+    assert rids[1] in aborted and list(states) == [rids[1]] and states[rids[1]].abandoned
 
 
 @pytest.mark.parametrize("by_detokenizer", [False, True])
@@ -171,3 +185,57 @@ def test_only_a_detokenizer_abort_is_sent_back_to_the_scheduler(by_detokenizer):
 
     rid = asyncio.run(main())
     assert _aborted(tm) == ([rid] if by_detokenizer else [])
+
+
+def test_a_dropped_rid_is_not_reused_until_the_scheduler_lets_it_go():
+    """A client drops request "win" and retries at once with the same rid: until the scheduler's last message
+    for the old request arrives, the retry is refused (it would otherwise receive the old request's outputs);
+    then it is served, with only its own outputs."""
+    tm = _manager(False)
+
+    async def main():
+        old = asyncio.create_task(tm.generate_request(GenerateReqInput(
+            input_ids=[1, 2], rid="win", sampling_params={"max_new_tokens": 50}), FakeRequest(after=0.2)).__anext__())
+        await asyncio.sleep(0.01)
+        tm._dispatch(BatchStrOut(["win"], [None], ["old"], [[7]], [2], [1], [0]))
+        with pytest.raises(ClientDisconnected):
+            await asyncio.wait_for(old, 3)
+        assert _aborted(tm) == ["win"]
+        retry = GenerateReqInput(input_ids=[5], rid="win", sampling_params={"max_new_tokens": 1})
+        with pytest.raises(ValueError, match="in use"):
+            await tm.generate_request(retry, None).__anext__()
+        tm._dispatch(BatchStrOut(["win"], [None], ["old"], [[7]], [2], [2], [0]))  # still the old one: dropped
+        tm._dispatch(BatchStrOut(["win"], [ABORTED], [""], [[]], [2], [2], [0]))
+        new = asyncio.create_task(tm.generate_request(retry, None).__anext__())
+        await asyncio.sleep(0.01)
+        tm._dispatch(BatchStrOut(["win"], [{"type": "length", "length": 1}], ["new"], [[9]], [1], [1], [0]))
+        return await asyncio.wait_for(new, 2)
+
+    out = asyncio.run(main())
+    assert out["text"] == "new" and out["output_ids"] == [9] and out["meta_info"]["prompt_tokens"] == 1
+    assert not tm.rid_to_state
+
+
+def test_abort_reaches_a_request_and_its_group_only():
+    """`job-1` reaches job-1 and the samples made from it (its group), never `job-1-extra`, which only shares the
+    start of its rid; a group id (an OpenAI response's) reaches the requests of that call."""
+    tm = _manager(False)
+
+    async def main():
+        gens = [tm.generate_request(GenerateReqInput(input_ids=[1], rid=rid, sampling_params={"n": n}), None,
+                                    group=group)
+                for rid, n, group in [("job-1", 2, None), ("job-1-extra", 1, None), ("c-0", 1, "chatcmpl-c")]]
+        tasks = [asyncio.create_task(g.__anext__()) for g in gens]
+        await asyncio.sleep(0.01)
+        sent = sorted(m.rid for m in tm.send_to_scheduler.msgs if isinstance(m, TokenizedGenerateReqInput))
+        tm.abort_request("job-1")
+        tm.abort_request("chatcmpl-c")
+        for t in tasks:
+            t.cancel()
+        return sent
+
+    sent = asyncio.run(main())
+    assert sent == ["c-0", "job-1-0", "job-1-1", "job-1-extra"]
+    aborts = [m.rids for m in tm.send_to_scheduler.msgs if isinstance(m, AbortReq)]
+    assert sorted(aborts[0]) == ["job-1", "job-1-0", "job-1-1"] and aborts[1] == ["chatcmpl-c", "c-0"]
+    assert not any(AbortReq(rids=a).matches("job-1-extra") for a in aborts[:2])

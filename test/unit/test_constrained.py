@@ -190,7 +190,7 @@ def test_bad_constraint_and_abort_in_the_grammar_queue(tmp_path):
     s = make_scheduler(tmp_path, max_total_tokens=4096)
     _submit(s, "bad", {"regex": "([a-"})
     _submit(s, "gone", {"regex": "[a-z]{5}"})
-    s.process_input(AbortReq(rid="gone"))  # aborted before its grammar was taken from the queue
+    s.process_input(AbortReq(rids=["gone"]))  # aborted before its grammar was taken from the queue
     _submit(s, "short", {"regex": "[a-z]+"}, max_new=3)
     _submit(s, "empty", {"ebnf": "root ::= root"})  # compiles, but allows no first token
     outputs = {}

@@ -414,7 +414,7 @@ def test_scheduler_takes_a_big_batched_request_a_message_at_a_time(tmp_path):
             push.send_pyobj(BatchTokenizedEmbeddingReqInput(
                 [TokenizedEmbeddingReqInput(f"{m}-{i}", None, [7] * 100) for i in range(3)]))
         for i in range(3):  # a dropped client's aborts: one message per input, all taken in one go
-            push.send_pyobj(AbortReq(rid=f"4-{i}"))
+            push.send_pyobj(AbortReq(rids=[f"4-{i}"]))
         s.recv_requests(block=True)
         assert len(taken) == 1 and [r.rid for r in s.waiting_queue] == ["0-0", "0-1", "0-2"]
         for step in range(2, 6):  # then one input message per step, the GPU busy meanwhile

@@ -53,6 +53,7 @@ class FakeTokenizerManager:
 
     def reset(self) -> None:
         self.received: List[GenerateReqInput] = []
+        self.groups: List[Optional[str]] = []
         self.aborted: List[str] = []
         self.error: Optional[str] = None  # raise ValueError(error) before any output
         self.fail_after: Optional[int] = None  # raise fail_error after this many streamed outputs
@@ -95,8 +96,10 @@ class FakeTokenizerManager:
             steps.append({"text": tok.decode(ids[:k]), "output_ids": ids[:k], "meta_info": meta})
         return steps
 
-    async def generate_request(self, obj: GenerateReqInput, request: Optional[Request] = None):
+    async def generate_request(self, obj: GenerateReqInput, request: Optional[Request] = None,
+                               group: Optional[str] = None):
         self.received.append(obj)
+        self.groups.append(group)
         if self.error:
             raise ValueError(self.error)
         if self.client_gone:
@@ -438,6 +441,13 @@ def test_unknown_model_404(base_url, client):
     ("/v1/completions", b"{not json"),
     ("/v1/completions", b"[1, 2]"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}'),
+    # Not JSON, though Python's json module takes them: NaN once reached sampling as a temperature, a lone
+    # surrogate the tokenizer (a 500).
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}'),
+    ("/v1/completions", b'{"prompt": "x", "temperature": Infinity}'),
+    ("/v1/completions", b'{"prompt": "x", "top_p": 1e999}'),
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\udfffb"}]}'),
 ])
 def test_bad_json_400(base_url, fake_tm, path, body):
     r = requests.post(base_url + path, data=body, headers={"Content-Type": "application/json"})
@@ -465,6 +475,9 @@ def test_bad_json_400(base_url, fake_tm, path, body):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "image_url"),
     ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/chat/completions", {"messages": [*MESSAGES, {"role": "assistant", "content": "It"}],
+                              "continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
 ])
 def test_bad_request_400(base_url, fake_tm, path, body, needle):
     r = requests.post(base_url + path, json=body)

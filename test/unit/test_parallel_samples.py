@@ -55,8 +55,17 @@ def test_bad_n_is_refused_before_copying(n):
         sp.verify()
 
 
-def test_abort_of_a_rid_covers_its_samples_only():
-    a = AbortReq(rid="nreq")
-    assert [a.matches(r) for r in ("nreq", "nreq-0", "nreq-12", "nreq0", "other", "")] == [True, True, True, False,
-                                                                                           False, False]
-    assert AbortReq(abort_all=True).matches("anything") and not AbortReq(rid="").matches("x-1")
+def test_abort_matches_exact_rids_only():
+    """The scheduler's side: exact rids (the tokenizer manager resolves samples and groups,
+    test_client_disconnect.py), or everything."""
+    a = AbortReq(rids=["nreq", "nreq-0"])
+    assert [a.matches(r) for r in ("nreq", "nreq-0", "nreq-1", "nreq0", "other", "")] == [True, True, False, False,
+                                                                                          False, False]
+    assert AbortReq(abort_all=True).matches("anything") and not AbortReq().matches("")
+
+
+def test_parallel_sample_groups():
+    obj = GenerateReqInput(text=["a", "b", "c"], rid=["x", "y", "z"], sampling_params=[{"n": 2}, {}, {"n": 3}])
+    assert obj.parallel_sample_groups() == ["x", "x", None, "z", "z", "z"]
+    assert obj.with_parallel_samples().rid == ["x-0", "x-1", "y", "z-0", "z-1", "z-2"]
+    assert GenerateReqInput(text="a", sampling_params={"n": 2}).parallel_sample_groups() == [None, None]

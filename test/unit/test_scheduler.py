@@ -76,21 +76,22 @@ def test_prefix_reuse_and_abort(tmp_path):
     submit(s, "d", list(range(2000, 2100)), 1000)
     for _ in range(5):
         s.run_batch(s.get_next_batch_to_run())
-    s.process_input(AbortReq(rid="d"))
+    s.process_input(AbortReq(rids=["d"]))
     finished = run_until_idle(s)
     assert finished["d"][0]["type"] == "abort" and finished["d"][1] < 1000
     assert s.internal_state()["kv_leak_free"]
     # A queued request aborted before it ran counts too; finished ones do not.
     submit(s, "e", [5, 6, 7], 4)
-    s.process_input(AbortReq(rid="e"))
+    s.process_input(AbortReq(rids=["e"]))
     (msg,) = s.send_to_detokenizer.msgs
     assert msg.rids == ["e"] and msg.finished_reasons[0]["type"] == "abort" and s.is_idle()
     assert s.internal_state()["num_aborted_reqs"] == 2
-    # Aborting a rid aborts the rid-j requests made from it (a native request's n samples), not other rids.
+    # An abort names its rids exactly (the tokenizer manager resolved "f" to the samples made from it); other
+    # rids, even ones that start the same way, run on.
     s.send_to_detokenizer.msgs.clear()
     for rid in ("f-0", "f-1", "f2", "g"):
         submit(s, rid, [5, 6, 7], 4)
-    s.process_input(AbortReq(rid="f"))
+    s.process_input(AbortReq(rids=["f", "f-0", "f-1"]))
     assert sorted(r for m in s.send_to_detokenizer.msgs for r in m.rids) == ["f-0", "f-1"]
     assert sorted(r.rid for r in s.waiting_queue) == ["f2", "g"]
     run_until_idle(s)

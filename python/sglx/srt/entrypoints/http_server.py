@@ -10,12 +10,13 @@ from typing import Any, AsyncIterator, Dict, Optional
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from sglx import __version__
 from sglx.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from sglx.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from sglx.srt.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
-from sglx.srt.entrypoints.openai.utils import client_closed_response, models_response
+from sglx.srt.entrypoints.openai.utils import client_closed_response, models_response, read_json
 from sglx.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput, ProfileReq, ProfileReqOutput
 from sglx.srt.managers.tokenizer_manager import ClientDisconnected, TokenizerManager
 from sglx.srt.metrics.collector import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -30,14 +31,6 @@ def error_response(message: str, status: int = 400, err_type: str = "BadRequestE
         {"object": "error", "message": message, "type": err_type, "param": None, "code": status},
         status_code=status,
     )
-
-
-async def read_json(request: Request) -> Any:
-    body = await request.body()
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise ValueError(f"malformed JSON body: {e}") from None
 
 
 _PROFILE_FIELDS = {"output_dir": str, "num_steps": int, "activities": list, "record_shapes": bool, "with_stack": bool}
@@ -77,6 +70,10 @@ def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
     chat, completion = OpenAIServingChat(tm), OpenAIServingCompletion(tm)
     embedding = OpenAIServingEmbedding(tm)
     api_key = tm.server_args.api_key
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left_while_sending(request: Request, exc: ClientDisconnect) -> Response:
+        return client_closed_response()  # gone before its body was whole: nothing ran, nobody reads this
 
     if api_key:
         @app.middleware("http")
@@ -143,9 +140,10 @@ def build_app(tm: TokenizerManager, procs_alive=lambda: True) -> FastAPI:
             body = await read_json(request)
         except ValueError as e:
             return error_response(str(e))
-        if not isinstance(body, dict) or not isinstance(body.get("rid", ""), str):
+        if not isinstance(body, dict) or not isinstance(body.get("rid", ""), str) or \
+                not isinstance(body.get("abort_all", False), bool):
             return error_response("expected {\"rid\": str} or {\"abort_all\": true}")
-        tm.abort_request(body.get("rid", ""), abort_all=bool(body.get("abort_all", False)))
+        tm.abort_request(body.get("rid", ""), abort_all=body.get("abort_all", False))
         return Response(status_code=200)
 
     @app.api_route("/generate", methods=["POST", "PUT"])

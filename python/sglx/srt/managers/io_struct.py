@@ -42,6 +42,16 @@ def _ids_shape_ok(ids: Any) -> bool:
     return is_int_list(ids) or (isinstance(ids, list) and all(is_int_list(row) for row in ids))
 
 
+def _check_unicode(text: Any) -> None:
+    """A prompt must be valid unicode: a lone surrogate (possible in a Python str, refused by the HTTP layer's
+    JSON parser) would reach the tokenizer and fail there as an internal error."""
+    for t in text if isinstance(text, list) else [text]:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text is not valid unicode: {e.reason} at position {e.start}") from None
+
+
 # ----------------------------------------------------------------------------- HTTP-facing inputs
 @dataclass
 class GenerateReqInput:
@@ -66,6 +76,8 @@ class GenerateReqInput:
             raise ValueError("give either text or input_ids, not both")
         if t is not None and not (isinstance(t, str) or (isinstance(t, list) and all(isinstance(x, str) for x in t))):
             raise ValueError("text must be a string or a list of strings")
+        if t is not None:
+            _check_unicode(t)
         if ids is not None:
             if not _ids_shape_ok(ids):
                 raise ValueError("input_ids must be a list of integers or a list of lists of integers")
@@ -74,7 +86,9 @@ class GenerateReqInput:
             isinstance(sp, list) and all(isinstance(x, dict) for x in sp)
         ):
             raise ValueError("sampling_params must be an object or a list of objects")
-        if self.rid is not None and not isinstance(self.rid, (str, list)):
+        rid = self.rid
+        if rid is not None and not (isinstance(rid, str) or (isinstance(rid, list) and all(isinstance(r, str)
+                                                                                          for r in rid))):
             raise ValueError("rid must be a string or a list of strings")
         if not isinstance(self.stream, bool):
             raise ValueError("stream must be a boolean")
@@ -97,8 +111,7 @@ class GenerateReqInput:
         """SGLang's `sampling_params.n`: each prompt repeated n times as a batch (prompt i's samples one after
         another), each copy with n = 1, a given rid suffixed `-j` and a given seed offset by j, so the samples
         differ and stay reproducible. Returns self when every n is 1 (call after validate)."""
-        items = [self] if self.is_single() else [self[i] for i in range(self.batch_size())]
-        counts = [parallel_sample_num(it.sampling_params) for it in items]
+        items, counts = self._items_and_sample_counts()
         if all(c == 1 for c in counts):
             return self
         copies = [_sample_copy(it, j) if c > 1 else it for it, c in zip(items, counts) for j in range(c)]
@@ -115,6 +128,17 @@ class GenerateReqInput:
             top_logprobs_num=each("top_logprobs_num"), return_text_in_logprobs=self.return_text_in_logprobs,
             stream=self.stream,
         )
+
+    def parallel_sample_groups(self) -> List[Optional[str]]:
+        """For each request of `with_parallel_samples()`, in order: the rid it is a sample of (an abort of that
+        rid reaches it), or None."""
+        items, counts = self._items_and_sample_counts()
+        return [it.rid if c > 1 and isinstance(it.rid, str) else None for it, c in zip(items, counts)
+                for _ in range(c)]
+
+    def _items_and_sample_counts(self) -> Tuple[List["GenerateReqInput"], List[int]]:
+        items = [self] if self.is_single() else [self[i] for i in range(self.batch_size())]
+        return items, [parallel_sample_num(it.sampling_params) for it in items]
 
     def __getitem__(self, i: int) -> "GenerateReqInput":
         """The i-th request of a batch, as a single request."""
@@ -172,6 +196,7 @@ class EmbeddingReqInput:
                 raise ValueError("text must be a string or a list of strings")
             if any(x == "" for x in (t if isinstance(t, list) else [t])):
                 raise ValueError("an input string is empty")
+            _check_unicode(t)
         else:
             if not _ids_shape_ok(ids):
                 raise ValueError("input_ids must be a list of integers or a list of lists of integers")
@@ -236,13 +261,17 @@ class BatchTokenizedEmbeddingReqInput:
 
 @dataclass
 class AbortReq:
-    rid: str = ""
+    """Abort these requests (exact rids: the tokenizer manager resolves an id to the requests it names), or
+    every request."""
+
+    rids: List[str] = field(default_factory=list)
     abort_all: bool = False
 
+    def __post_init__(self) -> None:
+        self._rid_set = frozenset(self.rids)
+
     def matches(self, rid: str) -> bool:
-        """Whether this abort covers request `rid`: all requests, that rid, or the `rid-j` requests made from it
-        (the samples of a native request with n > 1, the items of an OpenAI request)."""
-        return self.abort_all or rid == self.rid or (bool(self.rid) and rid.startswith(self.rid + "-"))
+        return self.abort_all or rid in self._rid_set
 
 
 @dataclass

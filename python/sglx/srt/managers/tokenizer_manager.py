@@ -129,6 +129,12 @@ class ReqState:
     created: float = field(default_factory=time.monotonic)
     first_token_time: Optional[float] = None
     last_output_time: Optional[float] = None
+    # The id that /abort_request also reaches this request by: the rid it is a sample of (n > 1), the
+    # OpenAI response it is a choice of.
+    group: Optional[str] = None
+    # Its consumer is gone and an abort was sent: the rid stays taken (its outputs dropped) until the scheduler's
+    # last message for it, so that a new request reusing the rid cannot receive them.
+    abandoned: bool = False
 
     @property
     def finished(self) -> bool:
@@ -192,7 +198,7 @@ class TokenizerManager:
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, BatchStrOut):
             for i, rid in enumerate(msg.rids):
-                st = self.rid_to_state.get(rid)
+                st = self._live_state(rid, msg.finished_reasons[i] is not None)
                 if st is None:
                     continue
                 st.text += msg.new_texts[i]
@@ -213,7 +219,7 @@ class TokenizerManager:
                 st.event.set()
         elif isinstance(msg, BatchEmbeddingOut):
             for i, rid in enumerate(msg.rids):
-                st = self.rid_to_state.get(rid)
+                st = self._live_state(rid, finished=True)
                 if st is None:
                     continue
                 st.meta = {"prompt_tokens": msg.prompt_tokens[i], "embedding": msg.embeddings[i]}
@@ -226,6 +232,33 @@ class TokenizerManager:
                     fut.set_result(msg)
         else:
             logger.error("tokenizer manager got an unknown message %r", type(msg))
+
+    def _live_state(self, rid: str, finished: bool) -> Optional[ReqState]:
+        """The state an output for `rid` goes to; None to drop it (an unknown rid, or an abandoned one, which is
+        released by its last message)."""
+        st = self.rid_to_state.get(rid)
+        if st is not None and st.abandoned:
+            if finished:
+                del self.rid_to_state[rid]
+            return None
+        return st
+
+    def _release(self, rid: str, st: ReqState, abort: bool) -> None:
+        """A request's consumer is done with it. With `abort` the scheduler still runs it: abort it, and keep the
+        rid taken until its last message comes back."""
+        if abort:
+            self._send_abort([rid])
+        if abort and not st.finished:
+            st.abandoned = True
+        elif self.rid_to_state.get(rid) is st:
+            del self.rid_to_state[rid]
+
+    def _check_new_rids(self, rids: List[str]) -> None:
+        if len(set(rids)) != len(rids):
+            raise ValueError("duplicate request id within the request")
+        taken = [r for r in rids if r in self.rid_to_state]
+        if taken:
+            raise ValueError(f"request id {taken[0]} is in use by a request that has not ended")
 
     # ------------------------------------------------------------------ generate
     def _tokenize(self, obj: GenerateReqInput) -> TokenizedGenerateReqInput:
@@ -276,26 +309,31 @@ class TokenizerManager:
             logprob_start_len=start if return_logprob else -1, top_logprobs_num=top_n, stream=obj.stream,
         )
 
-    async def generate_request(self, obj: GenerateReqInput, request: Any = None) -> AsyncIterator[Any]:
+    async def generate_request(self, obj: GenerateReqInput, request: Any = None,
+                               group: Optional[str] = None) -> AsyncIterator[Any]:
         """See the contract in docs/architecture.md: single requests yield dicts with cumulative text;
-        a non-streamed batch yields one list; a streamed batch yields dicts tagged with "index"."""
+        a non-streamed batch yields one list; a streamed batch yields dicts tagged with "index". `group`: an id
+        that /abort_request also reaches every request of this call by (an OpenAI response's)."""
         start = time.monotonic()
         self._ensure_loop()
         if self.is_embedding:
             raise ValueError(EMBEDDING_ONLY)
         obj.validate()
+        groups = [group or g for g in obj.parallel_sample_groups()]
         obj = obj.with_parallel_samples()
         watch = DisconnectWatch(request)
         if obj.is_single():
             tokenized = self._tokenize(obj)
-            async for out in self._wait_one(tokenized, obj.return_text_in_logprobs, watch, start):
+            self._check_new_rids([tokenized.rid])
+            async for out in self._wait_one(tokenized, obj.return_text_in_logprobs, watch, start, groups[0]):
                 yield out
             return
         n = obj.batch_size()
         if n == 0:
             raise ValueError("the batch is empty")
         tokenized = [self._tokenize(obj[i]) for i in range(n)]  # validate all before sending any
-        gens = [self._wait_one(t, obj.return_text_in_logprobs, watch, start) for t in tokenized]
+        self._check_new_rids([t.rid for t in tokenized])
+        gens = [self._wait_one(t, obj.return_text_in_logprobs, watch, start, g) for t, g in zip(tokenized, groups)]
         if not obj.stream:
             yield await _gather_or_cancel([_last(g) for g in gens])
             return
@@ -303,11 +341,10 @@ class TokenizerManager:
             yield out
 
     async def _wait_one(self, t: TokenizedGenerateReqInput, with_text: bool,
-                        watch: DisconnectWatch, start: float) -> AsyncIterator[Dict]:
-        if t.rid in self.rid_to_state:
-            raise ValueError(f"duplicate request id {t.rid}")
+                        watch: DisconnectWatch, start: float, group: Optional[str] = None) -> AsyncIterator[Dict]:
+        self._check_new_rids([t.rid])
         st = ReqState(stream=t.stream, return_logprob=t.return_logprob, top_n=t.top_logprobs_num,
-                      want_input_logprobs=t.logprob_start_len >= 0, created=start)
+                      want_input_logprobs=t.logprob_start_len >= 0, created=start, group=group)
         self.rid_to_state[t.rid] = st
         self.send_to_scheduler.send_pyobj(t)
         try:
@@ -323,11 +360,9 @@ class TokenizerManager:
                 if st.stream:
                     yield self._make_output(t.rid, st, with_text)
         finally:
-            self.rid_to_state.pop(t.rid, None)
             # The consumer went away (disconnect, cancellation), or the detokenizer gave up on a request that
-            # the scheduler still runs.
-            if not st.finished or st.finished_reason.get(DETOKENIZER_ABORT):
-                self.abort_request(t.rid)
+            # the scheduler still runs (its later outputs do not come back: the rid is free at once).
+            self._release(t.rid, st, abort=not st.finished or bool(st.finished_reason.get(DETOKENIZER_ABORT)))
             self._observe_finished(st, len(t.input_ids))
 
     def _observe_output(self, st: ReqState, msg: BatchStrOut, i: int) -> None:
@@ -388,8 +423,7 @@ class TokenizerManager:
         obj.validate()
         tokenized = [self._tokenize_embedding(t, ids, rid or new_rid(), obj.truncate) for t, ids, rid in obj.items()]
         rids = [t.rid for t in tokenized]
-        if len(set(rids)) != len(rids) or any(r in self.rid_to_state for r in rids):
-            raise ValueError("duplicate request id")
+        self._check_new_rids(rids)
         states = [ReqState(stream=False, created=start) for _ in tokenized]
         self.rid_to_state.update(zip(rids, states))
         for part in chunk_by_tokens(tokenized, EMBED_MESSAGE_TOKENS):
@@ -399,9 +433,7 @@ class TokenizerManager:
             outs = [await self._wait_embedding(rid, st, watch) for rid, st in zip(rids, states)]
         finally:
             for rid, st, t in zip(rids, states, tokenized):
-                self.rid_to_state.pop(rid, None)
-                if not st.finished:
-                    self.abort_request(rid)
+                self._release(rid, st, abort=not st.finished)
                 self._observe_finished(st, len(t.input_ids))
         return outs[0] if obj.is_single() else outs
 
@@ -437,7 +469,17 @@ class TokenizerManager:
         return {"text": st.text, "output_ids": list(st.output_ids), "meta_info": meta}
 
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
-        self.send_to_scheduler.send_pyobj(AbortReq(rid=rid, abort_all=abort_all))
+        """/abort_request: the request `rid`, and the requests whose group it is (the samples of a request with
+        n > 1, the choices of an OpenAI response), or every request. Requests that have already ended are left
+        alone, so are others whose rid merely starts the same way."""
+        if abort_all:
+            self.send_to_scheduler.send_pyobj(AbortReq(abort_all=True))
+            return
+        rids = [rid] + [r for r, st in self.rid_to_state.items() if st.group == rid and r != rid]
+        self._send_abort(rids)
+
+    def _send_abort(self, rids: List[str]) -> None:
+        self.send_to_scheduler.send_pyobj(AbortReq(rids=rids))
 
     # ------------------------------------------------------------------ control
     async def _control(self, msg: Any, timeout: float = 60) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer, model_validator
 
 from sglx.srt.sampling.sampling_params import MAX_PARALLEL_SAMPLES
 
@@ -100,6 +100,12 @@ class _SamplingRequest(BaseModel):
     json_schema: Optional[str] = None
     regex: Optional[str] = None
     ebnf: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> "_SamplingRequest":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     @property
     def num_choices(self) -> int:

@@ -36,6 +36,7 @@ from sglx.srt.entrypoints.openai.utils import (
     error_body,
     error_response,
     logprobs_since,
+    read_json,
     sse,
     validation_message,
 )
@@ -194,9 +195,9 @@ class OpenAIServingBase(ABC):
 
     async def _parse(self, raw_request: Request) -> Union[_SamplingRequest, Response]:
         try:
-            body = json.loads(await raw_request.body())
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors
-            return error_response(f"Invalid JSON body: {e}", 400)
+            body = await read_json(raw_request)
+        except ValueError as e:
+            return error_response(str(e), 400)
         if not isinstance(body, dict):
             return error_response("The request body must be a JSON object.", 400)
         try:
@@ -272,7 +273,8 @@ class OpenAIServingBase(ABC):
     # ------------------------------------------------------------------ talking to the manager
     async def _start(self, plan: GenPlan, raw_request: Request) -> Tuple[AsyncIterator[Any], Any]:
         """Start generation and wait for the first output, so input errors surface before any byte is sent."""
-        it = self.tokenizer_manager.generate_request(plan.obj, raw_request)
+        # The response id reaches every choice through /abort_request.
+        it = self.tokenizer_manager.generate_request(plan.obj, raw_request, group=plan.response_id)
         if inspect.isawaitable(it):
             it = await it
         try:

@@ -183,6 +183,9 @@ class OpenAIServingChat(OpenAIServingBase):
         if req.continue_final_message:
             if messages[-1]["role"] != "assistant":
                 raise ValueError("continue_final_message needs the last message to be from the assistant.")
+            if req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
+                raise ValueError("continue_final_message continues the last message: it cannot be combined "
+                                 "with add_generation_prompt true, which starts a new one.")
             kwargs["continue_final_message"] = True
             add_generation_prompt = False
         else:

@@ -14,7 +14,6 @@ context, a dimensions value out of range -> 400 with the reason.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import math
 import struct
@@ -24,7 +23,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, StrictBool, StrictInt, StrictStr, ValidationError
 
-from sglx.srt.entrypoints.openai.utils import client_closed_response, error_response, validation_message
+from sglx.srt.entrypoints.openai.utils import (
+    client_closed_response,
+    error_response,
+    read_json,
+    validation_message,
+)
 from sglx.srt.managers.io_struct import EmbeddingReqInput
 from sglx.srt.managers.tokenizer_manager import ClientDisconnected
 
@@ -109,9 +113,9 @@ class OpenAIServingEmbedding:
 
     async def _parse(self, raw_request: Request) -> Union[EmbeddingRequest, Response]:
         try:
-            body = json.loads(await raw_request.body())
+            body = await read_json(raw_request)
         except ValueError as e:
-            return error_response(f"Invalid JSON body: {e}", 400)
+            return error_response(str(e), 400)
         if not isinstance(body, dict):
             return error_response("The request body must be a JSON object.", 400)
         try:

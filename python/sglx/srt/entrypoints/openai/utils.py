@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import orjson
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
@@ -35,6 +37,16 @@ def error_body(message: str, status: int = 400, param: Optional[str] = None) -> 
 
 def error_response(message: str, status: int = 400, param: Optional[str] = None) -> JSONResponse:
     return JSONResponse(error_body(message, status, param), status_code=status)
+
+
+async def read_json(request: Request) -> Any:
+    """The body, parsed strictly (orjson) on every route alike: NaN, Infinity, numbers past a double's range and
+    lone surrogates are malformed JSON (ValueError), never values that reach sampling or the tokenizer."""
+    body = await request.body()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON body: {e}") from None
 
 
 def client_closed_response() -> Response:

@@ -239,3 +239,31 @@ def test_abort_reaches_a_request_and_its_group_only():
     aborts = [m.rids for m in tm.send_to_scheduler.msgs if isinstance(m, AbortReq)]
     assert sorted(aborts[0]) == ["job-1", "job-1-0", "job-1-1"] and aborts[1] == ["chatcmpl-c", "c-0"]
     assert not any(AbortReq(rids=a).matches("job-1-extra") for a in aborts[:2])
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(monkeypatch):
+    """A 10 MB prompt took seconds to tokenize on the event loop, stalling every other request: a text past
+    OFF_LOOP_CHARS is tokenized on the worker thread (the fast tokenizer releases the GIL), a short one inline."""
+    import threading
+
+    tm = _manager(False)
+    threads = []
+
+    class Tok:
+        def encode(self, text):
+            threads.append(threading.current_thread().name)
+            return [1] * min(len(text), 5)
+
+    tm.tokenizer, tm.reasoning_tags = Tok(), None
+    monkeypatch.setattr(tm_mod, "OFF_LOOP_CHARS", 100)
+
+    async def main():
+        for text in ("short", "x" * 100, ["y" * 60, "z" * 60]):
+            gen = tm.generate_request(GenerateReqInput(text=text, sampling_params={"max_new_tokens": 1}), None)
+            task = asyncio.create_task(gen.__anext__())
+            await asyncio.sleep(0.05)
+            task.cancel()
+
+    asyncio.run(main())
+    on_loop = threading.main_thread().name
+    assert threads[0] == on_loop and all(t.startswith("sglx-tokenize") for t in threads[1:]) and len(threads) == 4

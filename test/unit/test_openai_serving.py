@@ -731,3 +731,15 @@ def test_constraint_starts_after_the_thinking(client, base_url, fake_tm, monkeyp
             "messages": MESSAGES, "response_format": {"type": "json_object"}, "chat_template_kwargs": kwargs})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["reasoning_content"] is None
         assert "constrain_after_reasoning" not in fake_tm.received[-1].sampling_params
+
+
+def test_legacy_top_logprobs_keep_the_chosen_token_when_texts_collide():
+    """Byte pieces of one character all decode to U+FFFD: in the legacy dict they share a key, which holds the
+    chosen token's logprob (it once held the least likely colliding token's), and no other key is lost."""
+    from sglx.srt.entrypoints.openai.utils import TokenLogprob, to_completion_logprobs
+
+    chosen = TokenLogprob(300, -0.875, "\ufffd", [(300, -0.875, "\ufffd"), (11, -1.2, "\n"), (301, -3.9, "\ufffd")])
+    sampled = TokenLogprob(302, -5.0, "\ufffd", [(11, -0.5, "\n"), (300, -1.0, "\ufffd"), (301, -2.0, "\ufffd")])
+    lp = to_completion_logprobs([chosen, sampled], 0)
+    assert lp.top_logprobs == [{"\ufffd": -0.875, "\n": -1.2}, {"\n": -0.5, "\ufffd": -5.0}]
+    assert lp.token_logprobs == [-0.875, -5.0]

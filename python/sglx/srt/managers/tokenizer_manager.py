@@ -4,12 +4,14 @@ detokenizer's deltas back into per-request outputs (streamed or whole)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import dataclasses
+import functools
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Deque, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Deque, Dict, List, Optional, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -50,6 +52,26 @@ DISCONNECT_POLL_S = 1.0
 # reached the scheduler only after all of it was pickled, sent and unpickled (~0.16 s of one CPU core), with
 # the GPU idle meanwhile; in parts, the first batch starts after the first part (docs/benchmarks.md).
 EMBED_MESSAGE_TOKENS = 65536
+# Requests whose text is at least this long are tokenized off the event loop (off_loop_if_long).
+OFF_LOOP_CHARS = 1 << 16
+_off_loop_pool: Optional[cf.ThreadPoolExecutor] = None
+T = TypeVar("T")
+
+
+async def off_loop_if_long(chars: int, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args), on a worker thread when it tokenizes `chars` characters or more. Tokenizing a 10 MB prompt takes
+    seconds, which on the event loop stalled every other request (and /health); the fast tokenizer releases the
+    GIL, so on the thread it does not. One thread: such calls never run two at once."""
+    global _off_loop_pool
+    if chars < OFF_LOOP_CHARS:
+        return fn(*args)
+    if _off_loop_pool is None:
+        _off_loop_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="sglx-tokenize")
+    return await asyncio.get_running_loop().run_in_executor(_off_loop_pool, functools.partial(fn, *args))
+
+
+def _text_chars(text: Any) -> int:
+    return sum(len(t) for t in text) if isinstance(text, list) else len(text or "")
 
 
 def chunk_by_tokens(reqs: List[TokenizedEmbeddingReqInput], budget: int) -> List[List[TokenizedEmbeddingReqInput]]:
@@ -322,8 +344,9 @@ class TokenizerManager:
         groups = [group or g for g in obj.parallel_sample_groups()]
         obj = obj.with_parallel_samples()
         watch = DisconnectWatch(request)
+        chars = _text_chars(obj.text)
         if obj.is_single():
-            tokenized = self._tokenize(obj)
+            tokenized = await off_loop_if_long(chars, self._tokenize, obj)
             self._check_new_rids([tokenized.rid])
             async for out in self._wait_one(tokenized, obj.return_text_in_logprobs, watch, start, groups[0]):
                 yield out
@@ -331,7 +354,8 @@ class TokenizerManager:
         n = obj.batch_size()
         if n == 0:
             raise ValueError("the batch is empty")
-        tokenized = [self._tokenize(obj[i]) for i in range(n)]  # validate all before sending any
+        # validate all before sending any
+        tokenized = await off_loop_if_long(chars, lambda: [self._tokenize(obj[i]) for i in range(n)])
         self._check_new_rids([t.rid for t in tokenized])
         gens = [self._wait_one(t, obj.return_text_in_logprobs, watch, start, g) for t, g in zip(tokenized, groups)]
         if not obj.stream:

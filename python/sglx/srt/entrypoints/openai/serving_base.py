@@ -41,7 +41,7 @@ from sglx.srt.entrypoints.openai.utils import (
     validation_message,
 )
 from sglx.srt.managers.io_struct import EMBEDDING_ONLY, GenerateReqInput, new_rid
-from sglx.srt.managers.tokenizer_manager import ClientDisconnected
+from sglx.srt.managers.tokenizer_manager import ClientDisconnected, off_loop_if_long
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,9 @@ class OpenAIServingBase(ABC):
             return req_or_err
         req = req_or_err
         try:
-            plan = self.build_plan(req)
+            # (A chat template tokenizes; a huge body does so off the event loop.)
+            body_len = raw_request.headers.get("content-length", "0")
+            plan = await off_loop_if_long(int(body_len) if body_len.isdigit() else 0, self.build_plan, req)
             gen, first = await self._start(plan, raw_request)
         except ClientDisconnected:
             return client_closed_response()

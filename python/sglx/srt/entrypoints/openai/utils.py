@@ -154,16 +154,19 @@ def prompt_logprobs(meta: Dict[str, Any], tokenizer: Any) -> List[TokenLogprob]:
 
 def to_completion_logprobs(entries: Sequence[TokenLogprob], text_offset: int) -> CompletionLogProbs:
     """OpenAI's legacy shape. The top dict holds the top-k and, like OpenAI, the chosen token too (None for a
-    prompt's first token, which has no logprob). text_offset counts characters from the start of the
-    returned text (the prompt, when echoed)."""
+    prompt's first token, which has no logprob). Tokens whose texts are equal (byte pieces of one character
+    all read U+FFFD) share a key: the chosen token's logprob wins it, else the more likely token's. text_offset
+    counts characters from the start of the returned text (the prompt, when echoed)."""
     tops: List[Optional[Dict[str, float]]] = []
     offsets: List[int] = []
     offset = text_offset
     for e in entries:
         top: Optional[Dict[str, float]] = None
         if e.logprob is not None:
-            top = {text: lp for _, lp, text in e.top}
-            top.setdefault(e.text, e.logprob)
+            top = {}
+            for _, lp, text in e.top:  # most likely first
+                top.setdefault(text, lp)
+            top[e.text] = e.logprob
         tops.append(top)
         offsets.append(offset)
         offset += len(e.text)

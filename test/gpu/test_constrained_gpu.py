@@ -75,3 +75,14 @@ def test_vocab_mask_reaches_the_device_intact(tmp_path):
     host = SamplingBatchInfo.from_reqs(reqs, LLAMA["vocab_size"], torch.device("cpu"))
     assert info.vocab_mask.is_cuda and torch.equal(info.vocab_mask.cpu(), host.vocab_mask)
     assert info.vocab_mask_rows.tolist() == [2]
+
+
+@pytest.mark.parametrize("sampling_backend", ["pytorch", "flashinfer"])
+def test_constraint_after_the_reasoning_on_cuda(tmp_path, sampling_backend):
+    """The CPU check (free reasoning token for token, then the regex) with CUDA graphs and either sampler."""
+    from test.unit.test_constrained import check_constraint_after_reasoning
+
+    if sampling_backend == "flashinfer":
+        pytest.importorskip("flashinfer")
+    s = _make(tmp_path, "cuda", sampling_backend)
+    check_constraint_after_reasoning(s, PATTERN, lambda ids: "".join(f"<{t}>" for t in ids))

@@ -268,7 +268,7 @@ def test_reasoner_grammar_gates_its_grammar(tokenizer, backend):
 
 
 def _run_alone(s, rid, prompt, seed, **kw):
-    sp = SamplingParams(max_new_tokens=40, temperature=1.0, sampling_seed=seed, **kw)
+    sp = SamplingParams(max_new_tokens=40, temperature=1.0, sampling_seed=seed, ignore_eos=True, **kw)
     sp.verify()
     sp.normalize()
     s.process_input(TokenizedGenerateReqInput(rid, None, prompt, sp))
@@ -277,27 +277,32 @@ def _run_alone(s, rid, prompt, seed, **kw):
     return finished[rid][0], outputs[rid]
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_constraint_after_the_reasoning_through_the_scheduler(tmp_path, overlap):
+def check_constraint_after_reasoning(s, regex, decode, stop=2):
     """The reference is the same seeded request without any constraint: up to and including the end tag the
     constrained-after-reasoning output is token for token that free output (the reasoning is not touched),
-    and what follows matches the regex, checked by python's re. Without the flag the regex holds at once."""
-    s = make_scheduler(tmp_path, max_total_tokens=4096, disable_overlap_schedule=not overlap)
-    prompt, seed, regex = list(range(300, 330)), 7, r"[0-9]{3}-(yes|no)"
-    _, free = _run_alone(s, "free", prompt, seed, ignore_eos=True)
-    k = next(i for i in range(4, len(free)) if free[i] not in free[:i] and free[i] != 2)
+    and what follows matches `regex` (python's re over `decode`). Without the flag the regex holds at once.
+    Also run on CUDA (test/gpu/test_constrained_gpu.py)."""
+    prompt, seed = list(range(300, 330)), 7
+    _, free = _run_alone(s, "free", prompt, seed)
+    k = next(i for i in range(4, len(free)) if free[i] not in free[:i] and free[i] != stop)
     start, end = free[0], free[k]  # the model "opens" its reasoning with its first token, closes it at k
     for tags, rid in [((start, end), "opened"), ((None, end), "open-from-the-prompt")]:
         s.grammar_manager.reasoning_tags = tags
         fr, out = _run_alone(s, rid, prompt, seed, regex=regex, constrain_after_reasoning=True)
         assert out[: k + 1] == free[: k + 1], rid
-        assert fr == {"type": "stop", "matched": 2} and out[-1] == 2, (rid, fr)
-        assert re.fullmatch(regex, s.tokenizer.decode(out[k + 1:-1])), s.tokenizer.decode(out[k + 1:-1])
+        assert fr == {"type": "stop", "matched": stop} and out[-1] == stop, (rid, fr)
+        assert re.fullmatch(regex, decode(out[k + 1:-1])), decode(out[k + 1:-1])
     # A model that does not open its reasoning is held to the constraint from its first token.
     s.grammar_manager.reasoning_tags = (start, end)
     fr, out = _run_alone(s, "no-thinking", prompt, seed, regex=regex, constrain_after_reasoning=True,
                          logit_bias={str(start): -100.0})
-    assert fr["type"] == "stop" and re.fullmatch(regex, s.tokenizer.decode(out[:-1]))
+    assert fr["type"] == "stop" and re.fullmatch(regex, decode(out[:-1]))
     fr, out = _run_alone(s, "flag-off", prompt, seed, regex=regex)
-    assert fr["type"] == "stop" and re.fullmatch(regex, s.tokenizer.decode(out[:-1]))
+    assert fr["type"] == "stop" and re.fullmatch(regex, decode(out[:-1]))
     assert s.internal_state()["kv_leak_free"]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_constraint_after_the_reasoning_through_the_scheduler(tmp_path, overlap):
+    s = make_scheduler(tmp_path, max_total_tokens=4096, disable_overlap_schedule=not overlap)
+    check_constraint_after_reasoning(s, r"[0-9]{3}-(yes|no)", s.tokenizer.decode)

@@ -52,6 +52,11 @@ class ServerHandle:
         assert state["available_kv_tokens"] + state["evictable_kv_tokens"] == state["max_total_num_tokens"], state
         assert state["protected_kv_tokens"] == 0, state
         assert state["penalty_rows_live"] == 0, state
+        deadline = time.time() + 10  # an aborted request's last message may still be on its way
+        while state["tokenizer_reqs"] and time.time() < deadline:
+            time.sleep(0.1)
+            state = self.server_info()["internal_state"]
+        assert state["tokenizer_reqs"] == 0, state  # every rid, abandoned ones too, released
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -517,7 +517,10 @@ class TokenizerManager:
         return await self._control(FlushCacheReqInput())
 
     async def get_internal_state(self) -> Dict[str, Any]:
-        return (await self._control(GetInternalStateReq())).state
+        state = (await self._control(GetInternalStateReq())).state
+        # Requests this process still tracks: running, or dropped by their client and waiting for the scheduler's
+        # last message. None once everything has ended.
+        return {**state, "tokenizer_reqs": len(self.rid_to_state)}
 
     async def profile(self, req: ProfileReq) -> ProfileReqOutput:
         """Start or stop the scheduler's torch profiler; stopping waits for the trace to be written."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import requests
 
 import sglx
@@ -63,3 +64,13 @@ def test_engine_shutdown_is_not_reported_as_a_death(caplog):
     # Its zmq context is terminated at shutdown, not left to a garbage-collector pass (where it can hang).
     assert engine.tokenizer_manager.zmq_ctx.closed
     engine.shutdown()  # twice is harmless
+    # Use after shutdown says so, before any work is queued (it was "Event loop is closed", and coroutines
+    # never awaited).
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a coroutine never awaited would warn
+        for call in (lambda: engine.generate("hi", {"max_new_tokens": 2}), engine.flush_cache,
+                     engine.get_server_info, lambda: engine.encode("hi")):
+            with pytest.raises(RuntimeError, match="has been shut down"):
+                call()

@@ -100,6 +100,10 @@ class Engine:
         start_watchdog(self.procs, self._dead.set, self._stopped)
 
     def _check_alive(self) -> None:
+        """Raise before any work is queued: on an engine that was shut down (its loop is closed) or whose
+        process died."""
+        if self._stopped.is_set():
+            raise RuntimeError("this sglx engine has been shut down")
         if self._dead.is_set():
             raise RuntimeError("an sglx engine process died; see the log")
 
@@ -166,6 +170,7 @@ class Engine:
                 return
 
     def flush_cache(self) -> bool:
+        self._check_alive()
         return self._run(self.tokenizer_manager.flush_cache()).success
 
     def start_profile(self, output_dir: Optional[str] = None, num_steps: Optional[int] = None,
@@ -187,6 +192,7 @@ class Engine:
         return res.trace_path
 
     def get_server_info(self) -> Dict[str, Any]:
+        self._check_alive()
         state = self._run(self.tokenizer_manager.get_internal_state())
         return {**self.scheduler_info, "internal_state": state}
 

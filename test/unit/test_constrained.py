@@ -284,14 +284,25 @@ def check_constraint_after_reasoning(s, regex, decode, stop=2):
     Also run on CUDA (test/gpu/test_constrained_gpu.py)."""
     prompt, seed = list(range(300, 330)), 7
     _, free = _run_alone(s, "free", prompt, seed)
-    k = next(i for i in range(4, len(free)) if free[i] not in free[:i] and free[i] != stop)
+    k = next(i for i in range(8, len(free)) if free[i] not in free[:i] and free[i] != stop)
     start, end = free[0], free[k]  # the model "opens" its reasoning with its first token, closes it at k
+    split = []  # overlapped steps whose sampling waited for the previous step's tokens
+    real_launch = s.launch_batch
+    s.launch_batch = lambda batch, *a, **kw: split.append(kw.get("before_sampling") is not None) or \
+        real_launch(batch, *a, **kw)
     for tags, rid in [((start, end), "opened"), ((None, end), "open-from-the-prompt")]:
         s.grammar_manager.reasoning_tags = tags
+        split.clear()
         fr, out = _run_alone(s, rid, prompt, seed, regex=regex, constrain_after_reasoning=True)
         assert out[: k + 1] == free[: k + 1], rid
         assert fr == {"type": "stop", "matched": stop} and out[-1] == stop, (rid, fr)
         assert re.fullmatch(regex, decode(out[k + 1:-1])), decode(out[k + 1:-1])
+        # While it thinks no step waits (the mask after the end tag is picked on the device, resolve_gates);
+        # once its answer is constrained, every step does.
+        assert sum(split) <= len(out) - k, (rid, sum(split), len(out), k)
+        if s.enable_overlap:
+            assert sum(split) >= len(out) - k - 3 and not any(split[:k - 2]), (rid, split)
+    s.launch_batch = real_launch
     # A model that does not open its reasoning is held to the constraint from its first token.
     s.grammar_manager.reasoning_tags = (start, end)
     fr, out = _run_alone(s, "no-thinking", prompt, seed, regex=regex, constrain_after_reasoning=True,
@@ -300,6 +311,32 @@ def check_constraint_after_reasoning(s, regex, decode, stop=2):
     fr, out = _run_alone(s, "flag-off", prompt, seed, regex=regex)
     assert fr["type"] == "stop" and re.fullmatch(regex, decode(out[:-1]))
     assert s.internal_state()["kv_leak_free"]
+
+
+def test_gated_mask_rows_switch_on_the_token_in_flight(backend):
+    """A thinking row built with a token in flight: its mask allows everything, and resolve_gates turns it
+    into the grammar's first mask exactly where the device's last token is the end tag."""
+    from sglx.srt.constrained.reasoner_grammar import ReasonerGrammarObject
+
+    inner = backend.compile(("regex", "[0-9]+"))
+    reqs = [req(temperature=1.0) for _ in range(3)]
+    for i, r in enumerate(reqs):
+        r.grammar = ReasonerGrammarObject(inner.copy(), end_token_id=40 + i)
+        r.grammar.state = "reasoning"
+        r.req_pool_idx = 5 + i
+    reqs[2].grammar.state = "answer"  # (a real batch with it would be built without a token in flight)
+    info = SamplingBatchInfo.from_reqs(reqs[:2], 49152, torch.device("cpu"), inflight_tokens=1)
+    assert info.gate_mask_rows.tolist() == [0, 1] and info.gate_pool_rows.tolist() == [5, 6]
+    assert bool((info.vocab_mask == -1).all())
+    first = allocate_vocab_mask(1, 49152)
+    inner.copy().fill_vocab_mask(first, 0)
+    last = torch.zeros(10, dtype=torch.int64)
+    last[5], last[6] = 40, 99  # row 0's token in flight closed its reasoning, row 1's did not
+    info.resolve_gates(last)
+    assert torch.equal(info.vocab_mask[0], first[0]) and bool((info.vocab_mask[1] == -1).all())
+    assert SamplingBatchInfo.from_reqs(reqs[:2], 49152, torch.device("cpu")).gate_mask_rows is None
+    with pytest.raises(ValueError, match="grammars need every output id"):
+        SamplingBatchInfo.from_reqs(reqs, 49152, torch.device("cpu"), inflight_tokens=1)
 
 
 @pytest.mark.parametrize("overlap", [True, False])

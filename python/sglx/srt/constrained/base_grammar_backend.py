@@ -43,6 +43,17 @@ class BaseGrammarObject(ABC):
     def is_terminated(self) -> bool:
         """The grammar is complete and has accepted a stop token: nothing more may be generated."""
 
+    def gate_token(self) -> Optional[int]:
+        """A token T such that, whatever the last token was, the next mask is `fill_vocab_mask`'s unless the
+        last token is T, and then `fill_gated_mask`'s. Such a grammar needs no last token on the host: the
+        overlap schedule's step that runs ahead picks between the two masks on the device. None (the default):
+        the next mask depends on every token, so it needs them all on the host."""
+        return None
+
+    def fill_gated_mask(self, mask: torch.Tensor, row: int) -> None:
+        """The mask that holds after `gate_token()` is accepted (only called while that is not None)."""
+        raise NotImplementedError
+
 
 class BaseGrammarBackend(ABC):
     """Compiles constraints for one tokenizer and vocabulary (`vocab_size`, the model's: the masks' width).

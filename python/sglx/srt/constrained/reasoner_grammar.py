@@ -47,6 +47,14 @@ class ReasonerGrammarObject(BaseGrammarObject):
             value = (int(mask[row, word]) & 0xFFFFFFFF) | (1 << bit)
             mask[row, word] = value - (1 << 32) if value >= 1 << 31 else value  # as a signed int32
 
+    def gate_token(self) -> Optional[int]:
+        # Inside the reasoning any token may follow, unless the last one closed it: then the grammar's first
+        # mask (it has not moved yet). So a thinking request's steps need not wait for its tokens on the host.
+        return self.end_token_id if self.state == "reasoning" else None
+
+    def fill_gated_mask(self, mask: torch.Tensor, row: int) -> None:
+        self.inner.fill_vocab_mask(mask, row)
+
     def accept_token(self, token: int) -> bool:
         if self.state == "start":
             if token == self.start_token_id:

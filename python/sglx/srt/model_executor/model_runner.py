@@ -210,6 +210,7 @@ class ModelRunner:
     def sample(self, batch: ModelWorkerBatch, logits_output: LogitsProcessorOutput) -> GenerationBatchResult:
         """The sampling half of forward_batch_generation, for logits `forward` already queued (the scheduler
         runs it apart when the sampling info needs the previous step's tokens, see Scheduler.step)."""
+        batch.sampling_info.resolve_gates(self.last_token_ids)  # (before last_token_ids takes this step's ids)
         sampler_output = self.sampler(
             logits_output.next_token_logits, batch.sampling_info,
             return_logprob=batch.return_logprob, top_logprobs_nums=batch.top_logprobs_nums,

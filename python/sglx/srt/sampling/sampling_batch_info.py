@@ -22,7 +22,8 @@ from sglx.srt.sampling.penalty_counts import PenaltyCounts, flat_indices
 _SEED_MASK = (1 << 63) - 1
 # Fields that are not [bs, ...] tensors (seeded_rows indexes rows rather than being one entry per row).
 _HOST_FIELDS = frozenset({"is_all_greedy", "need_top_p", "need_top_k", "need_min_p", "vocab_size", "seeded_rows",
-                          "vocab_mask", "vocab_mask_rows", "penalty_counts", "counted_rows", "counted_pool_rows"})
+                          "vocab_mask", "vocab_mask_rows", "penalty_counts", "counted_rows", "counted_pool_rows",
+                          "gate_mask_rows", "gate_pool_rows", "gate_tokens", "gated_masks"})
 
 
 @dataclass
@@ -52,6 +53,12 @@ class SamplingBatchInfo:
     # int32 (constrained/base_grammar_backend.py), for the rows vocab_mask_rows [n] int64 names.
     vocab_mask: Optional[torch.Tensor] = None
     vocab_mask_rows: Optional[torch.Tensor] = None
+    # Rows of vocab_mask that hold only unless the token still in flight (the overlap schedule's) is the row's
+    # gate token, and the masks that hold if it is (BaseGrammarObject.gate_token; resolve_gates picks).
+    gate_mask_rows: Optional[torch.Tensor] = None  # [g] int64 rows of vocab_mask
+    gate_pool_rows: Optional[torch.Tensor] = None  # [g] int64 request rows of the runner's last_token_ids
+    gate_tokens: Optional[torch.Tensor] = None  # [g] int64
+    gated_masks: Optional[torch.Tensor] = None  # [g, ceil(vocab / 32)] int32
     # Penalties: the device-side counts the rows above were read from, and which batch rows' sampled tokens
     # `record_sampled` adds to which of its rows (the penalized requests that keep their token).
     penalty_counts: Optional[PenaltyCounts] = None
@@ -78,6 +85,15 @@ class SamplingBatchInfo:
             seeded_rows=torch.arange(rows.numel(), dtype=torch.int64, device=rows.device),
             vocab_mask=None, vocab_mask_rows=None,  # (applied to the whole batch's logits already)
         )
+
+    def resolve_gates(self, last_token_ids: torch.Tensor) -> None:
+        """Where a gated row's token in flight (`last_token_ids`, by request row, read on the device: no sync)
+        is its gate token, switch its mask to the gated one. Call before sampling."""
+        if self.gate_mask_rows is None:
+            return
+        hit = (last_token_ids.index_select(0, self.gate_pool_rows).long() == self.gate_tokens).unsqueeze(1)
+        current = self.vocab_mask.index_select(0, self.gate_mask_rows)
+        self.vocab_mask.index_copy_(0, self.gate_mask_rows, torch.where(hit, self.gated_masks, current))
 
     def record_sampled(self, next_token_ids: torch.Tensor) -> None:
         """Add this step's sampled tokens to the penalized requests' device counts (queued, no sync)."""
@@ -139,15 +155,16 @@ class SamplingBatchInfo:
             logit_bias=_logit_bias(sps, vocab_size, device),
             vocab_size=vocab_size,
             seeded_rows=i64([i for i, s in enumerate(seed_list) if s >= 0]) if any_seeded else None,
-            **_vocab_mask(reqs, vocab_size, device),
+            **_vocab_mask(reqs, vocab_size, device, inflight_tokens),
             **penalties,
         )
 
 
 def needs_output_ids(req: Any) -> bool:
     """Whether sampling for `req` reads its output ids on the host (a grammar has taken them), not only how
-    many there are. Penalties do not: their counts live on the device (PenaltyCounts)."""
-    return req.grammar is not None
+    many there are. Penalties do not: their counts live on the device (PenaltyCounts); nor does a grammar
+    with a gate token (a thinking request whose constraint waits for the end of its reasoning)."""
+    return req.grammar is not None and req.grammar.gate_token() is None
 
 
 def _penalty_rows(reqs: Sequence[Any], vocab_size: int, device: torch.device, inflight_tokens: int,
@@ -196,19 +213,36 @@ def _min_new_tokens_mask(reqs: Sequence[Any], vocab_size: int, device: torch.dev
     return _token_mask(rows, vocab_size, device)
 
 
-def _vocab_mask(reqs: Sequence[Any], vocab_size: int, device: torch.device) -> dict:
+def _vocab_mask(reqs: Sequence[Any], vocab_size: int, device: torch.device, inflight_tokens: int = 0) -> dict:
     """The next-token bitmasks of the requests with a grammar (filled on the host: the grammar state is there).
-    A terminated grammar (its request finished on the previous step; this step's token is dropped) has none."""
+    A terminated grammar (its request finished on the previous step; this step's token is dropped) has none.
+    With a token in flight, a grammar with a gate token also gets its gated mask (resolve_gates)."""
     rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.grammar.is_terminated()]
     if not rows:
         return {}
     mask = allocate_vocab_mask(len(rows), vocab_size)
+    gates = []  # (vocab_mask row, request) of the rows whose mask turns on the token in flight
     for j, i in enumerate(rows):
         reqs[i].grammar.fill_vocab_mask(mask, j)
-    if device.type == "cuda":
-        mask = mask.pin_memory()
-    return {"vocab_mask": mask.to(device, non_blocking=True),
-            "vocab_mask_rows": torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)}
+        if inflight_tokens and reqs[i].grammar.gate_token() is not None:
+            gates.append((j, reqs[i]))
+    out = {"vocab_mask": _to_device(mask, device),
+           "vocab_mask_rows": torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)}
+    if gates:
+        gated = allocate_vocab_mask(len(gates), vocab_size)
+        for k, (_, r) in enumerate(gates):
+            r.grammar.fill_gated_mask(gated, k)
+
+        def i64(vals: List[int]) -> torch.Tensor:
+            return torch.tensor(vals, dtype=torch.int64).to(device, non_blocking=True)
+
+        out.update(gate_mask_rows=i64([j for j, _ in gates]), gate_pool_rows=i64([r.req_pool_idx for _, r in gates]),
+                   gate_tokens=i64([r.grammar.gate_token() for _, r in gates]), gated_masks=_to_device(gated, device))
+    return out
+
+
+def _to_device(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return (mask.pin_memory() if device.type == "cuda" else mask).to(device, non_blocking=True)
 
 
 def _logit_bias(sps: Sequence[Any], vocab_size: int, device: torch.device) -> Optional[torch.Tensor]:

@@ -12,6 +12,9 @@ seeded) and reports output tokens per second of wall time from the first step to
     item), so every request writes a list and stops on its grammar;
   * penalty: as free, with a frequency penalty of 0.5 (its token counts are kept on the device: until
     sampling/penalty_counts.py they were rebuilt from the host ids every step, which also split the step).
+  * thinking: as json, but `constrain_after_reasoning` with a reasoning end tag the requests never write
+    (logit_bias -100), so they think for all of --max-new-tokens: the constraint waits, unused (a thinking
+    request's steps are not split since `267ef68`; before, they were, like json's).
 
 Under overlap, a json step queues its forward before the previous step's tokens reach the host and fills the
 grammars' masks while it runs (Scheduler.step); without overlap every step waits for the previous one.
@@ -57,14 +60,19 @@ def run(s: Scheduler, mode: str, args: argparse.Namespace, seed: int) -> Dict[st
     schema = json.dumps({"type": "array", "items": {"enum": ["alpha", "beta", "gamma"]},
                          "minItems": args.items, "maxItems": args.items})
     for i in range(args.num_requests):
+        end_tag = s.runner.model_config.vocab_size - 1
         extra = {"json": {"json_schema": schema}, "free": {"ignore_eos": True},
-                 "penalty": {"ignore_eos": True, "frequency_penalty": 0.5}}[mode]
+                 "penalty": {"ignore_eos": True, "frequency_penalty": 0.5},
+                 "thinking": {"json_schema": schema, "constrain_after_reasoning": True, "ignore_eos": True,
+                              "logit_bias": {str(end_tag): -100.0}}}[mode]
+        if mode == "thinking":
+            s.grammar_manager.reasoning_tags = (None, end_tag)  # as --reasoning-parser deepseek-r1 would
         sp = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, sampling_seed=seed * 1000 + i,
                             **extra)
         sp.verify()
         sp.normalize()
         s.process_input(TokenizedGenerateReqInput(f"{mode}{seed}-{i}", None, list(range(100 + i, 164 + i)), sp))
-    if mode == "json":  # compile outside the timing (cached by spec after the first run anyway)
+    if mode in ("json", "thinking"):  # compile outside the timing (cached by spec after the first run anyway)
         while s.grammar_manager.pending:
             s.poll_grammar_queue()
     start = time.perf_counter()
@@ -86,7 +94,8 @@ def main() -> None:
     p.add_argument("--items", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--modes", nargs="+", choices=["free", "json", "penalty"], default=["free", "json", "penalty"])
+    p.add_argument("--modes", nargs="+", choices=["free", "json", "penalty", "thinking"],
+                   default=["free", "json", "penalty"])
     p.add_argument("--schedules", nargs="+", choices=["overlap", "sync"], default=["overlap", "sync"])
     p.add_argument("--out")
     args = p.parse_args()

@@ -1,8 +1,11 @@
-"""What ForwardBatch.out_rows saves: prefill forwards through the ModelRunner with the last layer pruned to the
-rows that are read, against every row (SGLX_ALL_OUTPUT_ROWS=1), alternating in one process on one card.
+"""A/B of a switch read from the environment, through the ModelRunner's prefill forwards, alternating in one
+process on one card. Side A runs with the variable unset, side B with --b-env. The default B is
+SGLX_ALL_OUTPUT_ROWS=1: what ForwardBatch.out_rows saves (the last layer pruned to the rows that are read, against
+every row); SGLX_FUSED_GATE_UP=0 measures the gate/up GEMM with the activation in its epilogue.
 
     python benchmark/bench_output_rows.py --model-path benchmark/configs/qwen3-0.6b --cases 8:2048 1:8192
     python benchmark/bench_output_rows.py --model-path benchmark/configs/qwen3-0.6b --is-embedding --cases 4:4096
+    python benchmark/bench_output_rows.py --model-path benchmark/configs/qwen3-0.6b --b-env SGLX_FUSED_GATE_UP=0
 
 Dummy weights of the config. Per case (BS:LEN, random token ids), one warm-up forward of each side, then
 --repeats rounds, each timing one forward of each side (the order flips every round), synchronized before and
@@ -23,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from sglx.srt.configs.model_config import ModelConfig
-from sglx.srt.model_executor.model_runner import ALL_OUTPUT_ROWS_ENV, ModelRunner
+from sglx.srt.model_executor.model_runner import ModelRunner
 from sglx.srt.server_args import ServerArgs
 from sglx.test.runner_utils import PlacedRequests
 
@@ -55,11 +58,13 @@ def run_case(runner: ModelRunner, bs: int, length: int, args: argparse.Namespace
     forward = runner.forward_batch_embedding if args.is_embedding else \
         (lambda b: runner.forward(b).next_token_logits)
 
-    def side(pruned: bool) -> torch.Tensor:
-        if pruned:
-            os.environ.pop(ALL_OUTPUT_ROWS_ENV, None)
+    env, value = args.b_env.split("=", 1)
+
+    def side(a: bool) -> torch.Tensor:
+        if a:
+            os.environ.pop(env, None)
         else:
-            os.environ[ALL_OUTPUT_ROWS_ENV] = "1"
+            os.environ[env] = value
         return forward(batch)
 
     try:
@@ -69,11 +74,11 @@ def run_case(runner: ModelRunner, bs: int, length: int, args: argparse.Namespace
             for p in ((True, False) if r % 2 == 0 else (False, True)):
                 times[p].append(timed(lambda: side(p), runner.device))
     finally:
-        os.environ.pop(ALL_OUTPUT_ROWS_ENV, None)
+        os.environ.pop(env, None)
         reqs.release()
-    pruned, full = statistics.median(times[True]), statistics.median(times[False])
-    return {"batch_size": bs, "input_len": length, "pruned_ms": pruned * 1e3, "all_rows_ms": full * 1e3,
-            "saving": 1 - pruned / full, "speedup": full / pruned,
+    a, b = statistics.median(times[True]), statistics.median(times[False])
+    return {"batch_size": bs, "input_len": length, "b_env": args.b_env, "a_ms": a * 1e3, "b_ms": b * 1e3,
+            "saving": 1 - a / b, "speedup": b / a,
             "max_abs_diff": float((outs[True] - outs[False]).abs().max())}
 
 
@@ -86,6 +91,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--is-embedding", action="store_true")
     p.add_argument("--cases", nargs="+", default=["8:2048", "1:8192"], metavar="BS:LEN")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--b-env", default="SGLX_ALL_OUTPUT_ROWS=1", metavar="NAME=VALUE", help="side B's switch")
     p.add_argument("--result-file", default=None, help="JSON lines, appended")
     args = p.parse_args(argv)
     cases = [tuple(int(x) for x in c.split(":")) for c in args.cases]
@@ -93,8 +99,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     name = torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu"
     for bs, n in cases:
         rec = {"model": args.model_path, "device": name, "is_embedding": args.is_embedding, **run_case(runner, bs, n, args)}
-        print(f"{'embed' if args.is_embedding else 'prefill'} bs={bs} len={n}: pruned {rec['pruned_ms']:.2f} ms, "
-              f"all rows {rec['all_rows_ms']:.2f} ms, saving {rec['saving'] * 100:.2f}% "
+        print(f"{'embed' if args.is_embedding else 'prefill'} bs={bs} len={n}: A {rec['a_ms']:.2f} ms, "
+              f"B ({args.b_env}) {rec['b_ms']:.2f} ms, A saves {rec['saving'] * 100:.2f}% "
               f"(x{rec['speedup']:.4f}), max |diff| {rec['max_abs_diff']:.3g}", flush=True)
         if args.result_file:
             with open(args.result_file, "a") as f:

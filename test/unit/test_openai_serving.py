@@ -733,6 +733,37 @@ def test_constraint_starts_after_the_thinking(client, base_url, fake_tm, monkeyp
         assert "constrain_after_reasoning" not in fake_tm.received[-1].sampling_params
 
 
+def test_the_prompt_opening_or_closing_the_reasoning_decides_the_split(base_url, fake_tm, monkeypatch):
+    """A template that ends the prompt with `<think>` (Qwen3-Thinking-2507) makes the output start inside the
+    reasoning, even with the qwen3 parser; one that ends it with `</think>` (thinking off) leaves it all answer,
+    even with deepseek-r1's parser, whose outputs otherwise start inside. Shown with continue_final_message,
+    where the prompt ends with the last message's text."""
+    import types
+
+    def ask(parser, prefix, reply, **extra):
+        monkeypatch.setattr(fake_tm, "server_args", types.SimpleNamespace(reasoning_parser=parser), raising=False)
+        monkeypatch.setattr(fake_tm, "reasoning_tags", (7, 8), raising=False)
+        monkeypatch.setitem(globals(), "REPLIES", [reply])
+        msgs = MESSAGES + [{"role": "assistant", "content": prefix}]
+        body = {"messages": msgs, "continue_final_message": True, "add_generation_prompt": False, **extra}
+        r = requests.post(f"{base_url}/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"], fake_tm.received[-1].sampling_params
+
+    msg, _ = ask("qwen3", "<think>\n", "Add them.\n</think>\n\nIt is 4.")
+    assert (msg["reasoning_content"], msg["content"]) == ("Add them.\n", "It is 4.")
+    msg, _ = ask("deepseek-r1", "<think>\n\n</think>\n\n", "It is 4.")
+    assert (msg["reasoning_content"], msg["content"]) == (None, "It is 4.")
+    msg, _ = ask("qwen3", "Sure.", "It is 4.")
+    assert (msg["reasoning_content"], msg["content"]) == (None, "It is 4.")
+    # Constrained: opened, the constraint waits for the thinking; closed, it holds at once.
+    msg, sp = ask("qwen3", "<think>\n", 'Hmm.</think>{"a": 1}', response_format={"type": "json_object"})
+    assert (msg["reasoning_content"], msg["content"]) == ("Hmm.", '{"a": 1}') and sp["constrain_after_reasoning"]
+    msg, sp = ask("deepseek-r1", "<think></think>", '{"a": 1}', response_format={"type": "json_object"})
+    assert (msg["reasoning_content"], msg["content"]) == (None, '{"a": 1}')
+    assert "constrain_after_reasoning" not in sp
+
+
 def test_legacy_top_logprobs_keep_the_chosen_token_when_texts_collide():
     """Byte pieces of one character all decode to U+FFFD: in the legacy dict they share a key, which holds the
     chosen token's logprob (it once held the least likely colliding token's), and no other key is lost."""

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from sglx.srt.reasoning_parser import REASONING_PARSERS, ReasoningStream, split_reasoning
+from sglx.srt.reasoning_parser import (
+    REASONING_PARSERS,
+    ReasoningStream,
+    for_prompt,
+    prompt_opens_reasoning,
+    prompt_reasoning_state,
+    split_reasoning,
+)
 
 QWEN3, R1 = REASONING_PARSERS["qwen3"], REASONING_PARSERS["deepseek-r1"]
 CASES = [
@@ -54,3 +61,41 @@ def test_reasoning_tag_ids_need_single_tokens():
     assert reasoning_tag_ids(tok, "qwen3") is None  # its start tag is still several tokens
     tok.add_special_tokens({"additional_special_tokens": ["<think>"]})
     assert reasoning_tag_ids(tok, "qwen3") == (tok.convert_tokens_to_ids("<think>"), end)
+
+
+def test_sglang_parser_names():
+    """qwen3-thinking always starts inside the reasoning (Qwen3-*-Thinking-2507), deepseek-v3 only where its
+    template's `thinking` opened it in the prompt."""
+    assert REASONING_PARSERS["qwen3-thinking"].starts_in_reasoning
+    assert split_reasoning("Hmm.</think>42", REASONING_PARSERS["qwen3-thinking"]) == ("Hmm.", "42")
+    assert split_reasoning("42", REASONING_PARSERS["deepseek-v3"]) == ("", "42")
+
+
+@pytest.mark.parametrize("tail,want", [
+    ("<|im_start|>assistant\n<think>\n", True),  # Qwen3-Thinking-2507 / QwQ: the template opened it
+    ("<|im_start|>assistant\n<think>\n\n</think>\n\n", False),  # Qwen3, enable_thinking false: closed
+    ("<|im_start|>assistant\n", None),  # the model decides
+    ("Assistant:</think>", False),  # DeepSeek-V3.1, thinking off
+    ("Assistant:<think>", True),
+])
+def test_the_prompt_end_decides_where_the_output_starts(tail, want):
+    assert prompt_reasoning_state(tail, QWEN3) is want
+    fmt = for_prompt(QWEN3, want)
+    reply = "Let me see.\n</think>\n\nIt is 4."
+    if want is False:
+        assert fmt is None  # nothing to split: the output is all answer
+    elif want:
+        assert fmt.starts_in_reasoning and split_reasoning(reply, fmt) == ("Let me see.\n", "It is 4.")
+    else:
+        assert fmt is QWEN3 and split_reasoning(reply, fmt) == ("", reply)  # no start tag: all answer
+    assert for_prompt(R1, None) is R1 and for_prompt(R1, False) is None
+
+
+def test_prompt_tag_ids_the_scheduler_reads():
+    start, end, nl = 7, 8, 1
+    assert prompt_opens_reasoning([5, 6, start, nl], (start, end)) is True
+    assert prompt_opens_reasoning([5, start, nl, nl, end, nl, nl], (start, end)) is False  # the last tag decides
+    assert prompt_opens_reasoning([start, 5, 6, 9, 10], (start, end)) is None  # too far back: a user's text
+    assert prompt_opens_reasoning([5, start], (None, end)) is None  # a format without a start id sees only ends
+    assert prompt_opens_reasoning([end], (None, end)) is False
+    assert prompt_opens_reasoning([], (start, end)) is None

@@ -4,12 +4,18 @@ Qwen3 writes `<think>...</think>` before its answer; DeepSeek-R1's template alre
 prompt, so its output starts inside the reasoning and only the closing tag shows. `ReasoningStream` splits
 text as it arrives: reasoning until the closing tag, the answer after it, holding back only what could still be
 the start of a tag. An output that never closes its reasoning is all reasoning (it ran out of tokens thinking).
+
+Whatever the parser, the prompt itself decides where a request's output starts when its last tokens are a tag
+(`prompt_reasoning_state`): a template that ends the prompt with `<think>` (Qwen3-Thinking-2507, QwQ,
+DeepSeek-V3.1 with thinking on) has opened the reasoning, one that ends it with `</think>` (Qwen3 with
+enable_thinking false, DeepSeek-V3.1 with thinking off) has closed it, and the output is all answer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from sglx.srt.utils import partial_prefix_len
 
@@ -24,8 +30,45 @@ class ReasoningFormat:
 
 REASONING_PARSERS: Dict[str, ReasoningFormat] = {
     "qwen3": ReasoningFormat(),
+    "qwen3-thinking": ReasoningFormat(starts_in_reasoning=True),  # always thinks (Qwen3-*-Thinking-2507)
     "deepseek-r1": ReasoningFormat(starts_in_reasoning=True),
+    "deepseek-v3": ReasoningFormat(),  # V3.1/V3.2: thinks when the template's `thinking` opens it
 }
+
+# How many of the prompt's last tokens may follow its tag (a template puts a newline or two after it).
+PROMPT_TAIL_TOKENS = 4
+
+
+def prompt_reasoning_state(tail: str, fmt: ReasoningFormat) -> Optional[bool]:
+    """From the text of the prompt's last tokens: True when it ends with the start tag (the prompt opened the
+    reasoning), False when it ends with the end tag (the prompt closed it: no thinking), else None (the output
+    starts as the format says). Trailing whitespace is ignored."""
+    tail = tail.rstrip()
+    if tail.endswith(fmt.start):
+        return True
+    if tail.endswith(fmt.end):
+        return False
+    return None
+
+
+def for_prompt(fmt: ReasoningFormat, opened: Optional[bool]) -> Optional[ReasoningFormat]:
+    """The format a request's output is split by, given prompt_reasoning_state: None (no reasoning to split)
+    when the prompt closed it, one that starts inside it when the prompt opened it."""
+    if opened is False:
+        return None
+    return dataclasses.replace(fmt, starts_in_reasoning=True) if opened else fmt
+
+
+def prompt_opens_reasoning(ids: Sequence[int], tags: Tuple[Optional[int], int]) -> Optional[bool]:
+    """prompt_reasoning_state on token ids, for the scheduler: the last of the (start, end) tag ids among the
+    prompt's last PROMPT_TAIL_TOKENS ids decides (True: start, False: end), None when neither is there."""
+    start, end = tags
+    for t in reversed(ids[-PROMPT_TAIL_TOKENS:]):
+        if start is not None and t == start:
+            return True
+        if t == end:
+            return False
+    return None
 
 
 class ReasoningStream:

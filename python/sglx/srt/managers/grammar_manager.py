@@ -21,6 +21,7 @@ from sglx.srt.constrained.base_grammar_backend import (
 )
 from sglx.srt.constrained.reasoner_grammar import ReasonerGrammarObject
 from sglx.srt.managers.schedule_batch import Req, finish_abort
+from sglx.srt.reasoning_parser import prompt_opens_reasoning
 
 CACHE_SIZE = 1024  # distinct specs kept compiled
 
@@ -91,7 +92,10 @@ class GrammarManager:
         grammar = compiled.copy()
         if req.sampling_params.constrain_after_reasoning and self.reasoning_tags is not None:
             start, end = self.reasoning_tags
-            return ReasonerGrammarObject(grammar, end, start)
+            opened = prompt_opens_reasoning(req.origin_input_ids, self.reasoning_tags)
+            if opened is False:  # the prompt closed the reasoning: the output is all answer
+                return grammar
+            return ReasonerGrammarObject(grammar, end, None if opened else start)
         return grammar
 
     def abort(self, matches: Callable[[str], bool]) -> List[Req]:

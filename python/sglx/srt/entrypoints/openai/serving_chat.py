@@ -46,7 +46,13 @@ from sglx.srt.entrypoints.openai.utils import (
 )
 from sglx.srt.function_call.base_format_detector import ParseResult, ToolCallItem
 from sglx.srt.function_call.tool_plan import ToolPlan
-from sglx.srt.reasoning_parser import REASONING_PARSERS, ReasoningStream, split_reasoning
+from sglx.srt.reasoning_parser import (
+    REASONING_PARSERS,
+    ReasoningStream,
+    for_prompt,
+    prompt_reasoning_state,
+    split_reasoning,
+)
 
 # Keys of apply_chat_template that this layer decides; chat_template_kwargs may not override them.
 _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "add_generation_prompt", "continue_final_message",
@@ -144,7 +150,7 @@ class OpenAIServingChat(OpenAIServingBase):
                 raise ValueError("tool_choice `required` or a named function already constrains the output: "
                                  "it cannot be combined with response_format, json_schema, regex or ebnf")
             sampling["json_schema"] = tools.constraint
-        reasoning = self.reasoning_format(req, sampling)
+        reasoning = self.reasoning_format(req, sampling, input_ids)
         plan = self.make_plan(
             req,
             [input_ids],
@@ -156,23 +162,30 @@ class OpenAIServingChat(OpenAIServingBase):
         plan.reasoning = reasoning if req.separate_reasoning is not False else None
         return plan
 
-    def reasoning_format(self, req: ChatCompletionRequest, sampling: Dict[str, Any]) -> Optional[Any]:
-        """With --reasoning-parser, the format whose thinking the output may start with, else None. A
-        constrained output can think first only when the request thinks (its template's `enable_thinking` /
-        `thinking` not false) and the tags of its thinking are single tokens: its constraint then starts
-        after the thinking (`constrain_after_reasoning`; constrained/reasoner_grammar.py). Otherwise the
-        constraint holds from the first token, and the output is all answer."""
+    def reasoning_format(self, req: ChatCompletionRequest, sampling: Dict[str, Any],
+                         input_ids: List[int]) -> Optional[Any]:
+        """With --reasoning-parser, the format whose thinking the output may start with, else None. The
+        prompt's end decides first (reasoning_parser.prompt_reasoning_state): a template that opened the
+        reasoning makes the output start inside it, one that closed it leaves nothing to split. A constrained
+        output can think first only when the request thinks (not closed by the prompt, the template's
+        `enable_thinking` / `thinking` not false) and the tags of its thinking are single tokens: its
+        constraint then starts after the thinking (`constrain_after_reasoning`; constrained/reasoner_grammar.py,
+        where the scheduler reads the same prompt end from its ids). Otherwise the constraint holds from the
+        first token, and the output is all answer."""
         parser = getattr(getattr(self.tokenizer_manager, "server_args", None), "reasoning_parser", None)
         if parser is None:
             return None
-        if not any(k in sampling for k in ("json_schema", "regex", "ebnf")):
-            return REASONING_PARSERS[parser]
+        fmt = REASONING_PARSERS[parser]
+        tail = self.tokenizer_manager.tokenizer.decode(input_ids[-16:])  # covers a tag of several tokens
+        fmt = for_prompt(fmt, prompt_reasoning_state(tail, fmt))
+        if fmt is None or not any(k in sampling for k in ("json_schema", "regex", "ebnf")):
+            return fmt
         kwargs = req.chat_template_kwargs or {}
         thinks = kwargs.get("enable_thinking") is not False and kwargs.get("thinking") is not False
         if not thinks or getattr(self.tokenizer_manager, "reasoning_tags", None) is None:
             return None
         sampling["constrain_after_reasoning"] = True
-        return REASONING_PARSERS[parser]
+        return fmt
 
     def apply_template(self, req: ChatCompletionRequest) -> List[int]:
         tokenizer = self.tokenizer_manager.tokenizer

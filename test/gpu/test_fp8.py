@@ -143,3 +143,30 @@ def test_fp8_embeddings_skip_equals_cache_and_stay_close_to_bf16():
     print(f"fp8 skip vs cache {same.tolist()}; fp8 vs bf16 {close.tolist()}")
     assert same.min().item() >= 0.999
     assert close.min().item() >= 0.98
+
+
+def test_an_fp8_checkpoint_loads_on_cuda(tmp_path):
+    """A compressed-tensors FP8 checkpoint (tiny Qwen3, written by test/unit/test_fp8_checkpoint.py's helper)
+    through the GPU's FP8 GEMM: logits close to the same weights' full-precision checkpoint under
+    --quantization fp8, which derives the same codes and scales."""
+    from sglx.srt.configs.model_config import ModelConfig
+    from sglx.srt.model_executor.model_runner import ModelRunner
+    from sglx.srt.server_args import ServerArgs
+    from test.unit.test_fp8_checkpoint import COMPRESSED_TENSORS, write_fp8_checkpoint
+    from test.unit.test_model_families import tiny_hf
+
+    hf = tiny_hf("qwen3").eval().to(torch.bfloat16)
+    full, ckpt = tmp_path / "full", tmp_path / "fp8"
+    hf.save_pretrained(str(full))
+    write_fp8_checkpoint(hf, str(ckpt), COMPRESSED_TENSORS)
+
+    def logits(path, quantization):
+        sa = ServerArgs(model_path=str(path), tokenizer_path=str(path), device="cuda", max_total_tokens=4096,
+                        mem_fraction_static=0.3, quantization=quantization, disable_cuda_graph=True)
+        runner = ModelRunner(ModelConfig.from_path(str(path), device="cuda"), sa)
+        assert any(isinstance(m, Fp8Linear) for m in runner.model.modules())
+        reqs = PlacedRequests(runner, [7, 30, 1], 96, room=2, seed=3)
+        return torch.stack([t.float() for t in reqs.prefill()])
+
+    got, want = logits(ckpt, None), logits(full, "fp8")
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -162,6 +162,28 @@ class Fp8Linear(nn.Module):
             bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scale, bias)
 
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> "Fp8Linear":
+        """An unfilled layer of `linear`'s shape, for an FP8 checkpoint's loader (fp8_checkpoint.py); a
+        StackedLinear's shards stay addressable by name (load_shard)."""
+        w = linear.weight
+        layer = cls(torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device),
+                    torch.empty(w.shape[0], dtype=torch.float32, device=w.device),
+                    None if linear.bias is None else torch.empty_like(linear.bias))
+        layer.shard_offsets = dict(getattr(linear, "shard_offsets", {}))
+        return layer
+
+    def load_shard(self, shard: str, param_kind: str, tensor: torch.Tensor) -> None:
+        """A StackedLinear shard's e4m3 rows ("weight"), their scales ("weight_scale") or its bias."""
+        off, n = self.shard_offsets[shard]
+        target = {"weight": self.weight, "weight_scale": self.weight_scale, "bias": self.bias}[param_kind]
+        if target is None or tensor.shape[0] != n or tensor.shape[1:] != target.shape[1:]:
+            raise ValueError(f"shard {shard!r} {param_kind}: checkpoint has {tuple(tensor.shape)}")
+        if (target.dtype == FP8_DTYPE) != (tensor.dtype == FP8_DTYPE):
+            raise ValueError(f"shard {shard!r} {param_kind}: {tensor.dtype} into {target.dtype}")
+        with torch.no_grad():
+            target[off : off + n].copy_(tensor)
+
     def forward(self, x: Union[torch.Tensor, Fp8Activation]) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features]; an Fp8Activation (rows already quantized) -> 2-D."""
         if isinstance(x, Fp8Activation):

@@ -71,12 +71,22 @@ def get_model(
 ) -> torch.nn.Module:
     """The model in eval mode with its weights loaded; with `quantization`, converted in place after loading
     (online quantization of full-precision weights, layers/quantization)."""
+    from sglx.srt.layers.quantization import check_device_support
+    from sglx.srt.layers.quantization.fp8_checkpoint import fp8_checkpoint_config
     from sglx.srt.models.registry import get_model_class
 
     if quantization is not None:
-        from sglx.srt.layers.quantization import check_device_support
-
         check_device_support(quantization, torch.device(device))  # before minutes of loading, not after
+
+    # An FP8 checkpoint (its config's quantization_config) is loaded into Fp8Linear as stored; dummy weights of
+    # such a config are full precision (random), quantized online only if --quantization asks.
+    fp8_ckpt = None if load_format == "dummy" else fp8_checkpoint_config(model_config.hf_config)
+    if fp8_ckpt is not None:
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"{model_config.model_path} is an FP8 checkpoint: --quantization {quantization} "
+                             "cannot apply to it")
+        check_device_support("fp8", torch.device(device))
+        quantization = None  # already FP8
 
     model_class = get_model_class(model_config.architecture)
     # Parameters are created directly on the device and in the serving dtype: no fp32 CPU copy first.
@@ -86,6 +96,14 @@ def get_model(
         from sglx.srt.model_executor.model_loader.dummy_loader import init_dummy_weights
 
         init_dummy_weights(model)
+    elif fp8_ckpt is not None:
+        from sglx.srt.layers.quantization.fp8 import fuse_input_quantization
+        from sglx.srt.layers.quantization.fp8_checkpoint import fp8_checkpoint_weights, prepare_fp8_model
+
+        n = prepare_fp8_model(model, fp8_ckpt)
+        model.load_weights(fp8_checkpoint_weights(iterate_weights(model_config, load_format)))
+        logger.info("FP8 checkpoint (%s scales): %d linear layers loaded in e4m3; %d inputs quantized by the "
+                    "layer before", fp8_ckpt.scheme, n, fuse_input_quantization(model))
     else:
         model.load_weights(iterate_weights(model_config, load_format))
     if not model_config.is_embedding and not getattr(model, "can_generate", True):

@@ -31,6 +31,9 @@ def load_named_weights(model: nn.Module, weights: Iterable[Tuple[str, torch.Tens
             raise KeyError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
         if params[name].shape != tensor.shape:
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} != parameter {tuple(params[name].shape)}")
+        if (params[name].dtype == torch.float8_e4m3fn) != (tensor.dtype == torch.float8_e4m3fn):
+            # An FP8 layer filled from full-precision data (or the reverse) would be silently wrong by its scale.
+            raise ValueError(f"{name}: checkpoint dtype {tensor.dtype} into parameter of {params[name].dtype}")
         params[name].copy_(tensor)
         loaded.add(name)
     missing = set(params) - loaded - set(optional)

@@ -72,12 +72,18 @@ def _words(k: int) -> str:
     return "".join(f"w{i + 2} " for i in range(k))
 
 
+ABORTED = {"type": "abort", "message": "aborted by the client", "status_code": 400}
+
+
 async def _generate(request: web.Request) -> web.StreamResponse:
+    """`abort_after` in the body (a test's --extra-request-body): the answer ends aborted after that many
+    tokens, as the real server's does after /abort_request."""
     body = await request.json()
-    n = body["sampling_params"]["max_new_tokens"]
+    n = min(body["sampling_params"]["max_new_tokens"], body.get("abort_after") or 10**9)
+    end = ABORTED if body.get("abort_after") else {"type": "length"}
     prompt_len = len(body["input_ids"]) if "input_ids" in body else len(body["text"].split())
     meta = lambda k: {"prompt_tokens": prompt_len, "completion_tokens": k, "cached_tokens": 0,  # noqa: E731
-                      "finish_reason": {"type": "length"} if k == n else None}
+                      "finish_reason": end if k == n else None}
     if not body.get("stream"):
         async for _ in _token_times(n):
             pass
@@ -94,19 +100,21 @@ async def _openai(request: web.Request, chat: bool) -> web.StreamResponse:
     body = await request.json()
     if body.get("model") != MODEL:
         return web.json_response({"error": {"message": f"model {body.get('model')} not found"}}, status=404)
-    n = body["max_tokens"]
+    n = min(body["max_tokens"], body.get("abort_after") or 10**9)
+    end = "abort" if body.get("abort_after") else "length"
     prompt = body["messages"][0]["content"] if chat else body["prompt"]
     usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": n, "total_tokens": 0}
     if not body.get("stream"):
         async for _ in _token_times(n):
             pass
         choice = {"message": {"role": "assistant", "content": _words(n)}} if chat else {"text": _words(n)}
-        return web.json_response({"choices": [choice], "usage": usage})
+        return web.json_response({"choices": [{**choice, "finish_reason": end}], "usage": usage})
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     async for k in _token_times(n):
         piece = f"w{k + 2} "
         choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
+        choice["finish_reason"] = end if k == n - 1 else None
         await resp.write(_sse({"choices": [choice], "usage": None}))
     await resp.write(_sse({"choices": [], "usage": usage}))
     await resp.write(_sse("[DONE]"))
@@ -228,6 +236,19 @@ def test_metrics_match_scripted_timing(fake_server: str, backend: str, warmup: s
     assert [len(itl) for itl in m["itls"]] == [OUT_LEN - 1] * N_PROMPTS
     lines = out_file.read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["completed"] == N_PROMPTS
+
+
+@pytest.mark.parametrize("backend", ["sglx", "openai", "openai-chat"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_aborted_requests_are_failures(fake_server: str, backend: str, stream: bool) -> None:
+    """An answer that ends with finish_reason abort (an operator's /abort_request, an overloaded server) is a
+    failed request, however many tokens it had: it once counted as a success, with its truncated output in
+    the throughput."""
+    m = bench_serving.run_benchmark(
+        _args(fake_server, backend, "--warmup-requests", "0", "--extra-request-body", '{"abort_after": 3}',
+              *(() if stream else ("--disable-stream",))), tokenizer=WordTokenizer())
+    assert m["completed"] == 0 and m["failed"] == N_PROMPTS, (m["completed"], m["failed"])
+    assert m["failure_messages"] and all("abort" in e for e in m["failure_messages"]), m["failure_messages"]
 
 
 def test_disable_stream_ttft_is_latency_and_goodput(fake_server: str) -> None:

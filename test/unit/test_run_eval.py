@@ -50,6 +50,7 @@ class FakeServer:
         self.responder: Callable[[str], str] = lambda prompt: "no idea"
         self.requests: List[Dict[str, Any]] = []
         self.fail_next = 0  # answer this many POSTs with 503 first
+        self.abort_next = 0  # answer this many POSTs with a cut-short answer, finish_reason "abort"
         self.lock = threading.Lock()
         fake = self
 
@@ -80,11 +81,17 @@ class FakeServer:
                         return self._send(503, {"error": {"message": "busy"}})
                 if payload.get("model") != MODEL:
                     return self._send(404, {"error": {"message": f"The model `{payload.get('model')}` does not exist."}})
+                with fake.lock:
+                    aborted = fake.abort_next > 0
+                    fake.abort_next -= aborted
+                end = {"finish_reason": "abort"} if aborted else {"finish_reason": "stop"}
                 if self.path == "/v1/chat/completions":
-                    text = fake.responder(payload["messages"][-1]["content"])
-                    return self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+                    text = fake.responder(payload["messages"][-1]["content"])[: 3 if aborted else None]
+                    return self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                         **end}]})
                 if self.path == "/v1/completions":
-                    return self._send(200, {"choices": [{"index": 0, "text": fake.responder(payload["prompt"])}]})
+                    text = fake.responder(payload["prompt"])[: 3 if aborted else None]
+                    return self._send(200, {"choices": [{"index": 0, "text": text, **end}]})
                 self._send(404, {"error": {"message": "not found"}})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -366,6 +373,37 @@ def test_client_retries_transient_not_4xx(server: FakeServer) -> None:
     with pytest.raises(EvalError, match="503.*after 2 attempts"):
         OpenAIClient(SamplerConfig(base_url=server.base_url, model=MODEL, max_retries=1,
                                    retry_backoff_s=0.01)).sample("x")
+
+
+def test_aborted_answers_are_retried_never_graded(server: FakeServer) -> None:
+    """A reply with finish_reason abort (cut short by the server) was once graded like any answer: it is
+    retried as a transient failure, and when every attempt is aborted the run fails, naming the abort."""
+    server.responder = lambda prompt: "The answer is 42"
+    server.abort_next = 2
+    client = OpenAIClient(SamplerConfig(base_url=server.base_url, model=MODEL, retry_backoff_s=0.01))
+    assert client.sample("q") == "The answer is 42" and len(server.requests) == 3
+    server.abort_next = 10
+    for api in ("chat", "completion"):
+        c = OpenAIClient(SamplerConfig(base_url=server.base_url, model=MODEL, api=api, max_retries=1,
+                                       retry_backoff_s=0.01))
+        with pytest.raises(EvalError, match="aborted.*2 attempts"):
+            c.sample("q")
+
+
+def test_slow_answers_are_timeouts_not_unreachable(tmp_path: Path) -> None:
+    """A server that accepts the connection but answers after --request-timeout is reported as slow."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)  # accepts (the kernel's backlog), never answers
+    try:
+        c = OpenAIClient(SamplerConfig(base_url=f"http://127.0.0.1:{listener.getsockname()[1]}", model=MODEL,
+                                       max_retries=0, timeout_s=0.3))
+        with pytest.raises(EvalError, match="no answer .* within --request-timeout 0.3 s"):
+            c.sample("q")
+    finally:
+        listener.close()
+    with pytest.raises(EvalError, match="--request-timeout must be a positive"):
+        run_eval(parse_args(["--request-timeout", "0", "--output-dir", str(tmp_path)]))
 
 
 # --- humaneval checker ---------------------------------------------------------------------------

@@ -89,6 +89,27 @@ def _error_text(obj: Any) -> Optional[str]:
     return None
 
 
+def _abort_text(finish_reason: Any) -> Optional[str]:
+    """A finish reason that says the server aborted the request (native: {"type": "abort", "message": ...};
+    OpenAI: "abort"): the request failed, however much it had generated."""
+    if isinstance(finish_reason, dict) and finish_reason.get("type") == "abort":
+        return f"aborted: {finish_reason.get('message') or 'no reason given'}"
+    if finish_reason == "abort":
+        return "aborted by the server (finish_reason abort)"
+    return None
+
+
+def _native_error(obj: Any) -> str:
+    meta = obj.get("meta_info") or {} if isinstance(obj, dict) else {}
+    return _error_text(obj) or _abort_text(meta.get("finish_reason")) or ""
+
+
+def _openai_error(obj: Any) -> str:
+    choices = obj.get("choices") or [] if isinstance(obj, dict) else []
+    aborted = next((_abort_text(c.get("finish_reason")) for c in choices if _abort_text(c.get("finish_reason"))), None)
+    return _error_text(obj) or aborted or ""
+
+
 async def _http_error(resp: aiohttp.ClientResponse) -> str:
     body = (await resp.text()).strip().replace("\n", " ")
     return f"HTTP {resp.status}: {body[:300]}"
@@ -128,7 +149,7 @@ async def request_native(session: aiohttp.ClientSession, req: RequestInput) -> R
             obj = await resp.json(content_type=None)
             if isinstance(obj, list):
                 obj = obj[0]
-            out.error = _error_text(obj) or ""
+            out.error = _native_error(obj)
             out.generated_text = obj.get("text", "")
             out.server_output_len, out.cached_tokens = _native_counts(obj)
         else:
@@ -137,8 +158,8 @@ async def request_native(session: aiohttp.ClientSession, req: RequestInput) -> R
                 if data == "[DONE]":
                     break
                 obj = json.loads(data)
-                if _error_text(obj):
-                    out.error = _error_text(obj) or ""
+                if _native_error(obj):
+                    out.error = _native_error(obj)
                     break
                 text = obj.get("text", "")
                 done, cached = _native_counts(obj)
@@ -196,7 +217,7 @@ async def _request_openai(session: aiohttp.ClientSession, req: RequestInput, cha
             return _finish(out)
         if not req.stream:
             obj = await resp.json(content_type=None)
-            out.error = _error_text(obj) or ""
+            out.error = _openai_error(obj)
             choices = obj.get("choices") or [{}]
             out.generated_text = _choice_text(choices[0], chat)
             out.server_output_len = (obj.get("usage") or {}).get("completion_tokens")
@@ -206,8 +227,8 @@ async def _request_openai(session: aiohttp.ClientSession, req: RequestInput, cha
             if data == "[DONE]":
                 break
             obj = json.loads(data)
-            if _error_text(obj):
-                out.error = _error_text(obj) or ""
+            if _openai_error(obj):
+                out.error = _openai_error(obj)
                 break
             usage = obj.get("usage") or {}
             choices = obj.get("choices") or []

@@ -1,7 +1,7 @@
 """A small OpenAI-compatible client (requests) with retries, and a threaded map with a progress bar.
 
-Transient failures (connection refused/reset, timeouts, HTTP 408/429/5xx) are retried with
-exponential backoff; any other 4xx is the caller's mistake (wrong model name, bad parameter) and is
+Transient failures (connection refused/reset, timeouts, HTTP 408/429/5xx, an answer the server
+aborted: finish_reason "abort") are retried with exponential backoff; any other 4xx is the caller's mistake (wrong model name, bad parameter) and is
 raised at once as `ServerError`, which stops the whole run.
 """
 
@@ -94,6 +94,9 @@ class OpenAIClient:
                 time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
             try:
                 resp = self._session().request(method, url, json=payload, timeout=self.cfg.timeout_s)
+            except requests.ReadTimeout:
+                last = f"no answer from {url} within --request-timeout {self.cfg.timeout_s:g} s"
+                continue
             except (requests.ConnectionError, requests.Timeout) as e:
                 last = f"cannot reach server at {url}: {_connection_reason(e)}"
                 continue
@@ -135,16 +138,25 @@ class OpenAIClient:
             payload["stop"] = list(stop)
         if cfg.api == "chat":
             payload["messages"] = chat_messages(prompt)
-            body = self._request("POST", "/v1/chat/completions", payload)
         else:
             payload["prompt"] = prompt
-            body = self._request("POST", "/v1/completions", payload)
-        try:
-            choice = body["choices"][0]
-            text = choice["message"]["content"] if cfg.api == "chat" else choice["text"]
-        except (KeyError, IndexError, TypeError):
-            raise EvalError(f"unexpected reply shape from {self.base_url}: {_one_line(str(body), 120)}") from None
-        return text or ""
+        path = "/v1/chat/completions" if cfg.api == "chat" else "/v1/completions"
+        for attempt in range(cfg.max_retries + 1):
+            if attempt:
+                time.sleep(cfg.retry_backoff_s * 2 ** (attempt - 1))
+            body = self._request("POST", path, payload)
+            try:
+                choice = body["choices"][0]
+                text = choice["message"]["content"] if cfg.api == "chat" else choice["text"]
+            except (KeyError, IndexError, TypeError):
+                raise EvalError(f"unexpected reply shape from {self.base_url}: {_one_line(str(body), 120)}") from None
+            # An aborted answer (the server's /abort_request, an overload) is cut short: never graded, retried
+            # like a transient error.
+            if choice.get("finish_reason") != "abort":
+                return text or ""
+        tries = cfg.max_retries + 1
+        raise EvalError(f"{self.base_url}{path}: the server aborted the request (finish_reason abort, "
+                        f"{tries} attempt{'s' if tries > 1 else ''})")
 
 
 def map_with_progress(fn: Callable[[int], T], n: int, num_threads: int, desc: str = "") -> List[T]:

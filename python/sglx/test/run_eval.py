@@ -54,6 +54,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_retries < 0:
         raise EvalError("--max-retries must be >= 0")
+    if not args.request_timeout > 0:
+        raise EvalError("--request-timeout must be a positive number of seconds")
     if args.num_shots and args.eval_name != "gsm8k":
         print(f"run_eval: note: --num-shots applies to gsm8k only; {args.eval_name} is zero-shot",
               file=sys.stderr)

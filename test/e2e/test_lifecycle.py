@@ -73,3 +73,22 @@ def test_dead_child_takes_server_down(tmp_path):
         assert wait_dead(kids)
     finally:
         stop_server(h)
+
+
+@pytest.mark.parametrize("flags,rc,needle", [
+    (["--max-running-requests", "0"], 2, "--max-running-requests must be >= 1"),  # once: a server that hung
+    (["--context-length", "0"], 2, "--context-length must be >= 2"),
+    (["--attention-backend", "fa3"], 1, "needs a CUDA GPU"),  # once: a traceback after the model had loaded
+    (["--tokenizer-path", "/nonexistent/tok"], 1, "no such file or directory"),
+])
+def test_bad_launches_fail_fast_and_plainly(flags, rc, needle):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["python", os.environ.get("PYTHONPATH", "")])}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "sglx.launch_server", "--device", "cpu", "--port", "30999", *flags],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == rc, proc.stderr[-2000:]
+    assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert time.time() - t0 < 60  # before any model loads (a load takes ~15 s here; import alone a few)

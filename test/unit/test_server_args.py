@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -165,3 +166,40 @@ def test_plugins_register_backends_that_the_launcher_accepts(tmp_path, monkeypat
     monkeypatch.setenv("SGLX_PLUGINS", "no_such_sglx_plugin")
     with pytest.raises(ImportError, match="no_such_sglx_plugin"):
         registry.attention_backend_names()
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"max_running_requests": 0}, "--max-running-requests must be >= 1"),  # once: every request waited forever
+    ({"max_running_requests": -3}, "--max-running-requests must be >= 1"),
+    ({"context_length": 0}, "--context-length must be >= 2"),
+    ({"context_length": -1}, "--context-length must be >= 2"),
+    ({"max_total_tokens": -5}, "--max-total-tokens must be >= 1"),
+    ({"port": 70000}, "--port must be in 1..65535"),
+    ({"log_level": "bogus"}, "--log-level must be one of"),
+    ({"watchdog_timeout": 0}, "--watchdog-timeout"),
+    ({"num_threads": 0}, "--num-threads"),
+])
+def test_nonsense_sizes_are_refused_by_flag(kw, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        ServerArgs(device="cpu", **kw)
+
+
+def test_what_the_machine_cannot_do_fails_before_anything_starts(monkeypatch, tmp_path):
+    """check_launchable (called before the scheduler process starts): a CUDA device without CUDA, a GPU-only
+    attention backend on the CPU, a local model or tokenizer path that does not exist."""
+    monkeypatch.setattr(sa_mod, "_cuda_available", lambda: False)
+    with pytest.raises(RuntimeError, match="--device cuda, but this torch"):
+        ServerArgs(device="cuda").check_launchable()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for backend in ("flashinfer", "fa3", "triton"):
+        with pytest.raises(RuntimeError, match=f"--attention-backend {backend} needs a CUDA GPU"):
+            ServerArgs(device="cpu", attention_backend=backend).check_launchable()
+    with pytest.raises(RuntimeError, match="--decode-attention-backend fa3"):
+        ServerArgs(device="cpu", decode_attention_backend="fa3").check_launchable()
+    missing = str(tmp_path / "nope")
+    with pytest.raises(RuntimeError, match="--model-path .*nope: no such file"):
+        ServerArgs(device="cpu", model_path=missing).check_launchable()
+    with pytest.raises(RuntimeError, match="--tokenizer-path .*nope: no such file"):
+        ServerArgs(device="cpu", tokenizer_path=missing).check_launchable()
+    ServerArgs(device="cpu").check_launchable()  # the default model, on the CPU
+    ServerArgs(device="cpu", model_path="org/some-repo-id", tokenizer_path="org/x").check_launchable()  # not local

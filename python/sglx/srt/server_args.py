@@ -177,6 +177,20 @@ class ServerArgs:
     def validate(self) -> None:
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
+        if self.max_running_requests < 1:  # 0 once admitted nothing: every request waited forever
+            raise ValueError("--max-running-requests must be >= 1")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError("--context-length must be >= 2 (a prompt token and a generated one)")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError("--max-total-tokens must be >= 1")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 1..65535; got {self.port}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level}")
+        if not self.watchdog_timeout > 0:
+            raise ValueError("--watchdog-timeout must be > 0 seconds")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("--num-threads must be >= 1")
         if self.schedule_policy not in ("fcfs", "lpm", "random", "lof"):
             raise ValueError(f"--schedule-policy must be one of fcfs, lpm, random, lof; got {self.schedule_policy}")
         if not self.schedule_conservativeness > 0.0:
@@ -233,6 +247,26 @@ class ServerArgs:
             # templates, detokenization): refuse rather than silently ignore the flag.
             raise ValueError("--skip-tokenizer-init is not supported yet by this build of sglx")
 
+    def check_launchable(self) -> None:
+        """What the flags need of this machine, checked before any process starts, so a wrong device, a GPU-only
+        attention backend on the CPU or a missing local path fails at once, not after the model has loaded
+        (RuntimeError, naming the flag)."""
+        if self.device.startswith("cuda") and not _cuda_available():
+            import torch
+
+            raise RuntimeError(f"--device {self.device}, but this torch ({torch.__version__}) sees no CUDA GPU")
+        if self.device == "cpu":
+            gpu_only = {"flashinfer", "fa3"} | ({"triton"} if os.environ.get("TRITON_INTERPRET") != "1" else set())
+            for flag in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+                if getattr(self, flag) in gpu_only:
+                    raise RuntimeError(f"--{flag.replace('_', '-')} {getattr(self, flag)} needs a CUDA GPU; "
+                                       "use --attention-backend torch_native on the CPU")
+        for flag in ("model_path", "tokenizer_path"):
+            path = getattr(self, flag)
+            local = os.path.isabs(path) or path.startswith(("./", "../", "~"))  # not a hub repo id
+            if local and not os.path.exists(os.path.expanduser(path)):
+                raise RuntimeError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
+
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
@@ -261,6 +295,9 @@ def _arg_type(type_name: object):
     if "int" in name:
         return int
     return str
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def prepare_server_args(argv: List[str]) -> ServerArgs:

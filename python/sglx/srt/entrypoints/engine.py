@@ -39,6 +39,7 @@ def launch_subprocesses(server_args: ServerArgs) -> Tuple[Any, Dict[str, Any], L
     """Start the scheduler and detokenizer processes; return (TokenizerManager, scheduler info, processes)."""
     from sglx.srt.managers.tokenizer_manager import TokenizerManager
 
+    server_args.check_launchable()
     port_args = PortArgs.init_new()
     ctx = mp.get_context("spawn")
     reader, writer = ctx.Pipe(duplex=False)

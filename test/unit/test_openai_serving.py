@@ -425,6 +425,40 @@ def test_chat_logprobs(client, fake_tm, tokenizer):
     assert r.choices[0].logprobs is None and not fake_tm.received[-1].return_logprob
 
 
+def test_chat_logprob_bytes_rebuild_characters_split_across_tokens(client, fake_tm, tokenizer, monkeypatch):
+    """An emoji or a CJK character is several byte-level tokens, each decoding to U+FFFD alone; `bytes` must be
+    each token's own bytes, so that joined they give the text (OpenAI's contract). They were U+FFFD's bytes."""
+    reply = "Party 🎉 東京!"
+    monkeypatch.setitem(globals(), "REPLIES", [reply])
+    ids = reply_ids(tokenizer)
+    assert sum(tokenizer.decode([t]).count("\ufffd") for t in ids) >= 4  # the case this test is about
+    for stream in (False, True):
+        r = client.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=True, top_logprobs=2,
+                                           stream=stream)
+        if stream:
+            content = [t for c in r if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+        else:
+            content = r.choices[0].logprobs.content
+        assert bytes(b for c in content for b in c.bytes).decode("utf-8") == reply
+        if not stream:  # a top alternative is the chosen token: the same bytes
+            assert all(c.top_logprobs[0].bytes == c.bytes for c in content)
+
+
+def test_token_bytes_of_byte_fallback_pieces():
+    """SentencePiece vocabularies spell a byte they cannot merge as `<0xNN>`; whole pieces keep their text."""
+    from sglx.srt.entrypoints.openai.utils import token_bytes
+
+    class Tok:
+        pieces = {5: "<0xF0>", 6: "<0x9F>", 7: "▁Paris"}
+
+        def convert_ids_to_tokens(self, i):
+            return self.pieces[i]
+
+    assert token_bytes(Tok(), 5, "\ufffd") == [0xF0] and token_bytes(Tok(), 6, "\ufffd") == [0x9F]
+    assert token_bytes(Tok(), 7, " Paris") == list(b" Paris")
+    assert token_bytes(None, 5, "\ufffd") == list("\ufffd".encode())  # no tokenizer: the text's bytes
+
+
 # ----------------------------------------------------------------------------- errors
 def test_unknown_model_404(base_url, client):
     r = requests.post(f"{base_url}/v1/completions", json={"model": "gpt-9", "prompt": "x"})

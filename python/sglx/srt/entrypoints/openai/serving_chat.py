@@ -222,7 +222,8 @@ class OpenAIServingChat(OpenAIServingBase):
             meta = out.get("meta_info", {})
             logprobs = None
             if plan.want_logprobs:
-                logprobs = to_chat_logprobs(logprobs_since(meta, 0, self.tokenizer_manager.tokenizer))
+                tok = self.tokenizer_manager.tokenizer
+                logprobs = to_chat_logprobs(logprobs_since(meta, 0, tok), tok)
             fr = meta.get("finish_reason")
             reasoning, content, calls = None, out.get("text", ""), []
             if plan.reasoning is not None:
@@ -282,7 +283,7 @@ class OpenAIServingChat(OpenAIServingBase):
             index=index,
             delta=DeltaMessage(content=content or None, reasoning_content=reasoning or None,
                                tool_calls=deltas or None),
-            logprobs=to_chat_logprobs(logprobs) if plan.want_logprobs else None,
+            logprobs=to_chat_logprobs(logprobs, self.tokenizer_manager.tokenizer) if plan.want_logprobs else None,
             finish_reason=chat_finish_reason(finish_reason, state.tool_calls_sent > 0),
             matched_stop=matched_stop(finish_reason),
         )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -186,18 +188,45 @@ def echo_completion_logprobs(prompt: Sequence[TokenLogprob], output: Sequence[To
                               top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
 
 
-def _utf8(text: str) -> List[int]:
-    # Token texts of partial UTF-8 sequences arrive as U+FFFD, so these bytes are approximate there.
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> Dict[str, int]:
+    """Byte-level BPE's (GPT-2's) printable stand-in for each byte, inverted: character -> byte. Bytes that
+    print as themselves keep their character; the other 68 take the characters from U+0100 on, in order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: chr(b) for b in kept}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer: Any, token_id: int, text: str) -> List[int]:
+    """The token's own UTF-8 bytes (OpenAI's `bytes`: pieces of one character joined give the character). Its
+    decoded text is exact unless it is part of a character, which decodes as U+FFFD: then the bytes come from
+    the vocabulary's piece, a byte-level BPE piece (GPT-2's alphabet) or a byte-fallback `<0xNN>` piece."""
+    if "\ufffd" in text and tokenizer is not None:
+        piece = tokenizer.convert_ids_to_tokens(int(token_id))
+        if isinstance(piece, str) and piece:
+            m = _BYTE_FALLBACK.fullmatch(piece)
+            if m:
+                return [int(m.group(1), 16)]
+            alphabet = _byte_level_alphabet()
+            if all(c in alphabet for c in piece):
+                return [alphabet[c] for c in piece]
     return list(text.encode("utf-8"))
 
 
-def to_chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatCompletionLogProbs:
+def to_chat_logprobs(entries: Sequence[TokenLogprob], tokenizer: Any = None) -> ChatCompletionLogProbs:
     content = [
         ChatCompletionTokenLogprob(
             token=e.text,
             logprob=e.logprob,
-            bytes=_utf8(e.text),
-            top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=_utf8(t)) for _, lp, t in e.top],
+            bytes=token_bytes(tokenizer, e.token_id, e.text),
+            top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=token_bytes(tokenizer, tid, t)) for tid, lp, t in e.top],
         )
         for e in entries
     ]

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -89,6 +90,16 @@ def _validate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, float
         raise BenchError("--request-rate must be positive (inf for a burst)")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise BenchError("--max-concurrency must be at least 1")
+    if not 0.0 <= args.random_range_ratio <= 1.0:
+        raise BenchError("--random-range-ratio must be in [0, 1] (lengths are drawn from [len*ratio, len])")
+    for flag in ("random_input_len", "random_output_len", "gsp_num_groups", "gsp_prompts_per_group",
+                 "gsp_system_prompt_len", "gsp_question_len", "gsp_output_len"):
+        if getattr(args, flag) < 1:
+            raise BenchError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.output_file:
+        out_dir = os.path.dirname(os.path.abspath(args.output_file))
+        if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+            raise BenchError(f"--output-file {args.output_file}: {out_dir} is not a writable directory")
     extra: dict[str, Any] = {}
     if args.extra_request_body:
         try:

@@ -427,6 +427,21 @@ def test_bad_extra_body(capsys: pytest.CaptureFixture[str]) -> None:
     _one_line_error(capsys.readouterr().err, "--extra-request-body")
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["--random-range-ratio", "2"], "--random-range-ratio must be in [0, 1]"),  # once: longer than asked
+    (["--random-range-ratio", "-1"], "--random-range-ratio"),
+    (["--random-input-len", "-5"], "--random-input-len must be at least 1"),  # once: silently 1 token
+    (["--random-output-len", "0"], "--random-output-len must be at least 1"),
+    (["--output-file", "/nonexistent-dir/x.jsonl"], "not a writable directory"),  # once: after the whole run
+    (["--base-url", "notaurl"], "as the server's URL"),  # once: a requests traceback
+    (["--base-url", "http://localhost:notaport"], "as the server's URL"),
+])
+def test_bad_flags_fail_before_any_request(flags, needle, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = bench_serving.main(["--dataset-name", "random-ids", "--num-prompts", "2", "--disable-tqdm", *flags])
+    assert rc != 0
+    _one_line_error(capsys.readouterr().err, needle)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve":
         _serve_forever(int(sys.argv[2]))

@@ -44,6 +44,8 @@ def _get_json(url: str) -> Optional[Any]:
         raise BenchError(f"cannot reach the server at {url.rsplit('/', 1)[0]} (connection failed)") from None
     except requests.Timeout:
         raise BenchError(f"the server at {url} did not answer within {_PROBE_TIMEOUT_S:.0f}s") from None
+    except requests.RequestException as e:  # not a URL at all: no scheme, a port that is not a number, ...
+        raise BenchError(f"cannot use {url.rsplit('/', 1)[0]!r} as the server's URL: {e}") from None
     if resp.status_code != 200:
         return None
     try:

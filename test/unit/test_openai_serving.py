@@ -383,6 +383,28 @@ def test_chat_continue_final_message(base_url, fake_tm, tokenizer):
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_continuous_usage_stats(client, fake_tm, tokenizer, route):
+    """stream_options.continuous_usage_stats (vLLM's, SGLang's): with include_usage every content chunk carries
+    the usage so far; the counts never fall and end at the final usage chunk's. It was accepted and ignored."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    if route == "chat":
+        chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2, stream=True,
+                                                     stream_options=opts))
+        body = [c for c in chunks[2:-1]]  # after the two role chunks, before the usage chunk
+    else:
+        chunks = list(client.completions.create(model=MODEL, prompt="Hi", max_tokens=100, n=2, stream=True,
+                                                stream_options=opts))
+        body = chunks[:-1]
+    final = chunks[-1].usage
+    counts = [c.usage.completion_tokens for c in body]
+    assert all(c.usage is not None and c.usage.prompt_tokens == final.prompt_tokens for c in body)
+    assert counts == sorted(counts) and counts[-1] == final.completion_tokens and counts[0] < counts[-1]
+    plain = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
+                                                stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage is not None
+
+
 def test_chat_stream_with_usage_n2(client, fake_tm, tokenizer):
     chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2, stream=True,
                                                  stream_options={"include_usage": True}))

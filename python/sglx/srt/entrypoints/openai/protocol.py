@@ -27,6 +27,8 @@ MAX_TOP_LOGPROBS = 20
 # ----------------------------------------------------------------------------- shared pieces
 class StreamOptions(BaseModel):
     include_usage: Optional[SBool] = False
+    # vLLM's and SGLang's extension: with include_usage, every chunk carries the usage so far.
+    continuous_usage_stats: Optional[SBool] = False
 
 
 class PromptTokensDetails(BaseModel):
@@ -114,6 +116,10 @@ class _SamplingRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
 
 # ----------------------------------------------------------------------------- /v1/completions

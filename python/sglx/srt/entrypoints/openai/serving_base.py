@@ -310,6 +310,8 @@ class OpenAIServingBase(ABC):
                 for out in item if isinstance(item, list) else [item]:
                     chunk = self._on_output(req, plan, states, out)
                     if chunk is not None:
+                        if req.continuous_usage:  # the usage so far, over every choice
+                            chunk.usage = self.usage(plan, [s.meta for s in states])
                         yield sse(chunk)
                 item = await anext(gen, None)
             if req.include_usage:

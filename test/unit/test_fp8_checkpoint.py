@@ -82,7 +82,8 @@ def write_fp8_checkpoint(hf, out_dir, qconfig, per_tensor=False, keep=(), input_
 
 
 def runner_of(path, quantization=None) -> ModelRunner:
-    sa = ServerArgs(model_path=path, tokenizer_path=path, device="cpu", max_total_tokens=2048, quantization=quantization)
+    sa = ServerArgs(model_path=path, tokenizer_path=path, device="cpu", max_total_tokens=2048,
+                    quantization=quantization)
     return ModelRunner(ModelConfig.from_path(path, dtype="float32"), sa)
 
 

@@ -1,8 +1,9 @@
 """A small OpenAI-compatible client (requests) with retries, and a threaded map with a progress bar.
 
 Transient failures (connection refused/reset, timeouts, HTTP 408/429/5xx, an answer the server
-aborted: finish_reason "abort") are retried with exponential backoff; any other 4xx is the caller's mistake (wrong model name, bad parameter) and is
-raised at once as `ServerError`, which stops the whole run.
+aborted: finish_reason "abort") are retried with exponential backoff; any other 4xx is the caller's
+mistake (wrong model name, bad parameter) and is raised at once as `ServerError`, which stops the
+whole run.
 """
 
 from __future__ import annotations

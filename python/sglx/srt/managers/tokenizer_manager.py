@@ -458,12 +458,13 @@ class TokenizerManager:
         items = list(obj.items())
 
         def tokenize_all(tokenizer: Any) -> List[TokenizedEmbeddingReqInput]:
-            return [self._tokenize_embedding(t, ids, rid or new_rid(), obj.truncate, tokenizer) for t, ids, rid in items]
+            return [self._tokenize_embedding(t, ids, rid or new_rid(), obj.truncate, tokenizer)
+                    for t, ids, rid in items]
 
         # A batch of long texts takes seconds to tokenize (~0.5M tokens/s): off the event loop, as for generation.
         chars = sum(len(t) for t, _, _ in items if t is not None)
-        on_thread = chars >= OFF_LOOP_CHARS
-        tokenized = await off_loop_if_long(chars, tokenize_all, self._worker_tokenizer() if on_thread else self.tokenizer)
+        tokenizer = self._worker_tokenizer() if chars >= OFF_LOOP_CHARS else self.tokenizer  # off_loop's test
+        tokenized = await off_loop_if_long(chars, tokenize_all, tokenizer)
         rids = [t.rid for t in tokenized]
         self._check_new_rids(rids)
         states = [ReqState(stream=False, created=start) for _ in tokenized]

@@ -226,7 +226,8 @@ def to_chat_logprobs(entries: Sequence[TokenLogprob], tokenizer: Any = None) -> 
             token=e.text,
             logprob=e.logprob,
             bytes=token_bytes(tokenizer, e.token_id, e.text),
-            top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=token_bytes(tokenizer, tid, t)) for tid, lp, t in e.top],
+            top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=token_bytes(tokenizer, tid, t))
+                          for tid, lp, t in e.top],
         )
         for e in entries
     ]

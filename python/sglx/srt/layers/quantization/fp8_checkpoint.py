@@ -36,7 +36,7 @@ class Fp8CheckpointConfig:
             if pattern.startswith("re:"):
                 if re.fullmatch(pattern[3:], module_name):
                     return True
-            elif pattern == module_name or module_name.endswith("." + pattern) or pattern == module_name.split(".")[-1]:
+            elif module_name == pattern or module_name.endswith("." + pattern):
                 return True
         return False
 

@@ -48,9 +48,12 @@ def _per_tensor(w: torch.Tensor):
     return (w.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE), scale.reshape(())
 
 
-def write_fp8_checkpoint(hf, out_dir, qconfig, per_tensor=False, keep=(), input_scales=False, scale_dtype=None):
+def write_fp8_checkpoint(hf, out_dir, qconfig, per_tensor=False, keep=(), input_scales=False, scale_dtype=None,
+                         block=None):
     """hf's weights as an FP8 checkpoint in `out_dir`; returns {name: dequantized weight} of what was stored in
-    FP8. `keep`: linear names (e.g. "down_proj") stored in full precision (and listed as ignored by the caller)."""
+    FP8. Scales per channel ([N, 1], as llm-compressor writes them), per tensor, or per `block` (as
+    `weight_scale_inv`, DeepSeek-V3's name). `keep`: linear names (e.g. "down_proj") stored in full precision
+    (and listed as ignored by the caller)."""
     hf.save_pretrained(out_dir)
     for f in os.listdir(out_dir):
         if f.endswith(".safetensors"):
@@ -59,14 +62,17 @@ def write_fp8_checkpoint(hf, out_dir, qconfig, per_tensor=False, keep=(), input_
     for name, t in hf.state_dict().items():
         parts = name.split(".")
         if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in TRUNK and parts[-2] not in keep:
-            q, s = _per_tensor(t) if per_tensor else quantize_weight_per_channel(t)
-            prefix = name[: -len(".weight")]
+            if block:
+                q, stored, full = _blockwise(t, block)
+                tensors[f"{name}_scale_inv"] = stored
+            else:
+                q, s = _per_tensor(t) if per_tensor else quantize_weight_per_channel(t)
+                full = stored = (s if per_tensor else s.reshape(-1, 1)).to(scale_dtype or torch.float32)
+                tensors[f"{name}_scale"] = stored
             tensors[name] = q
-            stored = (s if per_tensor else s.reshape(-1, 1)).to(scale_dtype or torch.float32)
-            tensors[f"{prefix}.weight_scale"] = stored
             if input_scales:
-                tensors[f"{prefix}.input_scale"] = torch.tensor(0.05)
-            dequant[name] = q.float() * stored.float()
+                tensors[name.replace(".weight", ".input_scale")] = torch.tensor(0.05)
+            dequant[name] = q.float() * full.float()
         else:
             tensors[name] = t.contiguous()
     if getattr(hf.config, "tie_word_embeddings", False):
@@ -158,7 +164,7 @@ class _Cfg:
 
 
 @pytest.mark.parametrize("qc,needle", [
-    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "block-wise"),
+    ({"quant_method": "fp8", "weight_block_size": [0, 128]}, "not a positive size"),
     ({"quant_method": "awq", "bits": 4}, "awq"),
     ({**COMPRESSED_TENSORS, "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}},
      "8-bit float"),
@@ -171,6 +177,44 @@ def test_unsupported_quantized_checkpoints_are_refused_by_name(qc, needle):
         fp8_checkpoint_config(_Cfg(qc))
     assert fp8_checkpoint_config(_Cfg(None)) is None
     assert fp8_checkpoint_config(_Cfg(COMPRESSED_TENSORS)).scheme == "channel"
+
+
+def _blockwise(w: torch.Tensor, block):
+    """DeepSeek-V3's scheme: one scale per block (amax / 448), codes = w / scale; partial edge blocks."""
+    rows, cols = block
+    n, k = w.shape
+    scale = torch.zeros(-(-n // rows), -(-k // cols))
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = w[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols].float()
+            scale[i, j] = tile.abs().amax().clamp_min(1e-10) / FP8_E4M3_MAX
+    full = scale.repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k]
+    return (w.float() / full).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE), scale, full
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_blockwise_fp8_is_dequantized_as_it_loads(tmp_path, quantization):
+    """`fp8` with weight_block_size (DeepSeek-V3, Qwen3 -FP8): no block-scaled GEMM yet, so the codes times their
+    block's scale load as full-precision weights (32 x 32 blocks here, partial at the edges of 80 and 48), and
+    --quantization fp8 quantizes them per channel again."""
+    hf = tiny_hf("qwen3").eval()
+    ckpt = str(tmp_path / "fp8")
+    qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
+    dequant = write_fp8_checkpoint(hf, ckpt, qc, block=(32, 32))
+    runner = runner_of(ckpt, quantization)
+    qkv = runner.model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, Fp8Linear) == (quantization == "fp8")
+    reqs = PlacedRequests(runner, [7, 30, 1], 96, room=2)
+    got = reqs.prefill()
+    with torch.no_grad():
+        for name, w in dequant.items():
+            hf.get_parameter(name).copy_(fake_quant_rows(w) if quantization else w)
+            if quantization:
+                hf.get_submodule(name[: -len(".weight")]).register_forward_pre_hook(
+                    lambda mod, args: (fake_quant_rows(args[0]),))
+        want = [hf(torch.tensor([list(p)])).logits[0, -1] for p in reqs.prompts]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_and_scale_pairing():

@@ -81,7 +81,12 @@ def get_model(
     # An FP8 checkpoint (its config's quantization_config) is loaded into Fp8Linear as stored; dummy weights of
     # such a config are full precision (random), quantized online only if --quantization asks.
     fp8_ckpt = None if load_format == "dummy" else fp8_checkpoint_config(model_config.hf_config)
-    if fp8_ckpt is not None:
+    if fp8_ckpt is not None and fp8_ckpt.dequantize:
+        logger.warning("%s holds block-wise FP8 weights: dequantized to %s as they load (sglx has no block-scaled "
+                       "GEMM yet)%s", model_config.model_path, model_config.dtype,
+                       "; --quantization fp8 then quantizes them per channel" if quantization == "fp8" else
+                       "; add --quantization fp8 to serve them in FP8 again")
+    elif fp8_ckpt is not None:
         if quantization not in (None, "fp8"):
             raise ValueError(f"{model_config.model_path} is an FP8 checkpoint: --quantization {quantization} "
                              "cannot apply to it")
@@ -96,6 +101,10 @@ def get_model(
         from sglx.srt.model_executor.model_loader.dummy_loader import init_dummy_weights
 
         init_dummy_weights(model)
+    elif fp8_ckpt is not None and fp8_ckpt.dequantize:
+        from sglx.srt.layers.quantization.fp8_checkpoint import dequantized_weights
+
+        model.load_weights(dequantized_weights(iterate_weights(model_config, load_format), fp8_ckpt))
     elif fp8_ckpt is not None:
         from sglx.srt.layers.quantization.fp8 import fuse_input_quantization
         from sglx.srt.layers.quantization.fp8_checkpoint import fp8_checkpoint_weights, prepare_fp8_model

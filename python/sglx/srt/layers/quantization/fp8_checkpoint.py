@@ -10,8 +10,8 @@ checkpoint's product. Activations are quantized per token on the fly, as under `
 
 Block-wise FP8 (`fp8` with `weight_block_size`: DeepSeek-V3, the Qwen3 *-FP8 repos; compressed-tensors'
 "block" strategy) needs a block-scaled GEMM, which sglx does not have yet: such weights are dequantized to the
-serving dtype as they load (exactly: codes times their block's scale), so the model serves in full precision,
-or in per-channel FP8 again with `--quantization fp8`. Integer schemes and other methods are refused at
+serving dtype as they load (codes times their block's scale in fp32, rounded once), so the model serves in full
+precision, or in per-channel FP8 again with `--quantization fp8`. Integer schemes and other methods are refused at
 start-up by name.
 """
 

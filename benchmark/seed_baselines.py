@@ -19,14 +19,14 @@ POOL_READ_BACKEND = "fa3_pool_read"
 PRE_SEEDS_BACKEND = "fa3_pre_seeds"
 
 
-@register_attention_backend(POOL_READ_BACKEND)
+@register_attention_backend(POOL_READ_BACKEND, needs_cuda=True)
 def pool_read_backend(runner: Any):
     backend = ATTENTION_BACKENDS["fa3"](runner)
     backend.ragged_prefix_free = False
     return backend
 
 
-@register_attention_backend(PRE_SEEDS_BACKEND)
+@register_attention_backend(PRE_SEEDS_BACKEND, needs_cuda=True)
 def pre_seeds_backend(runner: Any):
     layers = [m for m in runner.model.modules() if isinstance(m, RadixAttention)]
     if not layers:

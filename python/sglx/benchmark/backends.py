@@ -106,8 +106,8 @@ def _native_error(obj: Any) -> str:
 
 def _openai_error(obj: Any) -> str:
     choices = obj.get("choices") or [] if isinstance(obj, dict) else []
-    aborted = next((_abort_text(c.get("finish_reason")) for c in choices if _abort_text(c.get("finish_reason"))), None)
-    return _error_text(obj) or aborted or ""
+    aborted = (_abort_text(c.get("finish_reason")) for c in choices)
+    return _error_text(obj) or next(filter(None, aborted), None) or ""
 
 
 async def _http_error(resp: aiohttp.ClientResponse) -> str:
@@ -158,8 +158,8 @@ async def request_native(session: aiohttp.ClientSession, req: RequestInput) -> R
                 if data == "[DONE]":
                     break
                 obj = json.loads(data)
-                if _native_error(obj):
-                    out.error = _native_error(obj)
+                out.error = _native_error(obj)
+                if out.error:
                     break
                 text = obj.get("text", "")
                 done, cached = _native_counts(obj)
@@ -227,8 +227,8 @@ async def _request_openai(session: aiohttp.ClientSession, req: RequestInput, cha
             if data == "[DONE]":
                 break
             obj = json.loads(data)
-            if _openai_error(obj):
-                out.error = _openai_error(obj)
+            out.error = _openai_error(obj)
+            if out.error:
                 break
             usage = obj.get("usage") or {}
             choices = obj.get("choices") or []

@@ -87,7 +87,10 @@ class OpenAIClient:
             self._local.session = s
         return self._local.session
 
-    def _request(self, method: str, path: str, payload: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    def _request(self, method: str, path: str, payload: Optional[Dict[str, Any]] = None,
+                 aborted: Callable[[Any], bool] = lambda body: False) -> Dict[str, Any]:
+        """The JSON body of a successful answer, retrying transient failures; `aborted(body)` true marks an
+        answer the server cut short, retried the same way."""
         url = self.base_url + path
         last = ""
         for attempt in range(self.cfg.max_retries + 1):
@@ -103,9 +106,13 @@ class OpenAIClient:
                 continue
             if resp.status_code < 400:
                 try:
-                    return resp.json()
+                    body = resp.json()
                 except ValueError:
                     raise EvalError(f"{url} returned non-JSON: {_one_line(resp.text, 100)!r}") from None
+                if not aborted(body):
+                    return body
+                last = f"{url}: the server aborted the request (finish_reason abort)"
+                continue
             msg = f"HTTP {resp.status_code} from {url}: {_error_message(resp)}"
             if resp.status_code not in (408, 429) and resp.status_code < 500:
                 raise ServerError(msg)
@@ -142,22 +149,20 @@ class OpenAIClient:
         else:
             payload["prompt"] = prompt
         path = "/v1/chat/completions" if cfg.api == "chat" else "/v1/completions"
-        for attempt in range(cfg.max_retries + 1):
-            if attempt:
-                time.sleep(cfg.retry_backoff_s * 2 ** (attempt - 1))
-            body = self._request("POST", path, payload)
-            try:
-                choice = body["choices"][0]
-                text = choice["message"]["content"] if cfg.api == "chat" else choice["text"]
-            except (KeyError, IndexError, TypeError):
-                raise EvalError(f"unexpected reply shape from {self.base_url}: {_one_line(str(body), 120)}") from None
-            # An aborted answer (the server's /abort_request, an overload) is cut short: never graded, retried
-            # like a transient error.
-            if choice.get("finish_reason") != "abort":
-                return text or ""
-        tries = cfg.max_retries + 1
-        raise EvalError(f"{self.base_url}{path}: the server aborted the request (finish_reason abort, "
-                        f"{tries} attempt{'s' if tries > 1 else ''})")
+        # An aborted answer (the server's /abort_request, an overload) is cut short: never graded, retried.
+        body = self._request("POST", path, payload, aborted=_aborted)
+        try:
+            choice = body["choices"][0]
+            return (choice["message"]["content"] if cfg.api == "chat" else choice["text"]) or ""
+        except (KeyError, IndexError, TypeError):
+            raise EvalError(f"unexpected reply shape from {self.base_url}: {_one_line(str(body), 120)}") from None
+
+
+def _aborted(body: Any) -> bool:
+    try:
+        return body["choices"][0].get("finish_reason") == "abort"
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False  # a malformed body: sample() reports its shape
 
 
 def map_with_progress(fn: Callable[[int], T], n: int, num_threads: int, desc: str = "") -> List[T]:

@@ -256,9 +256,10 @@ class ServerArgs:
 
             raise RuntimeError(f"--device {self.device}, but this torch ({torch.__version__}) sees no CUDA GPU")
         if self.device == "cpu":
-            gpu_only = {"flashinfer", "fa3"} | ({"triton"} if os.environ.get("TRITON_INTERPRET") != "1" else set())
+            from sglx.srt.layers.attention.registry import attention_backend_needs_cuda
+
             for flag in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
-                if getattr(self, flag) in gpu_only:
+                if getattr(self, flag) is not None and attention_backend_needs_cuda(getattr(self, flag)):
                     raise RuntimeError(f"--{flag.replace('_', '-')} {getattr(self, flag)} needs a CUDA GPU; "
                                        "use --attention-backend torch_native on the CPU")
         for flag in ("model_path", "tokenizer_path"):

@@ -116,7 +116,7 @@ class SamplingBatchInfo:
             return torch.tensor(vals, dtype=torch.float32).to(device, non_blocking=True)
 
         def i64(vals: List[int]) -> torch.Tensor:
-            return torch.tensor(vals, dtype=torch.int64).to(device, non_blocking=True)
+            return _i64(vals, device)
 
         top_ks = torch.tensor([min(sp.top_k, vocab_size) for sp in sps], dtype=torch.int32)
         seed_list = [-1 if sp.sampling_seed is None else sp.sampling_seed & _SEED_MASK for sp in sps]
@@ -175,7 +175,7 @@ def _penalty_rows(reqs: Sequence[Any], vocab_size: int, device: torch.device, in
     rows = pool.rows(reqs, inflight_tokens)
     counted = [i for i, r in enumerate(reqs)
                if r.sampling_params.uses_penalties and not getattr(r, "mid_prompt_chunk", False)]
-    counted_rows = torch.tensor(counted, dtype=torch.int64).to(device, non_blocking=True)
+    counted_rows = _i64(counted, device)
     return {
         "output_token_counts": pool.counts.index_select(0, rows),
         "prompt_token_mask": pool.prompt_mask.index_select(0, rows) if with_prompt_mask else None,
@@ -226,19 +226,21 @@ def _vocab_mask(reqs: Sequence[Any], vocab_size: int, device: torch.device, infl
         reqs[i].grammar.fill_vocab_mask(mask, j)
         if inflight_tokens and reqs[i].grammar.gate_token() is not None:
             gates.append((j, reqs[i]))
-    out = {"vocab_mask": _to_device(mask, device),
-           "vocab_mask_rows": torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)}
+    out = {"vocab_mask": _to_device(mask, device), "vocab_mask_rows": _i64(rows, device)}
     if gates:
         gated = allocate_vocab_mask(len(gates), vocab_size)
         for k, (_, r) in enumerate(gates):
             r.grammar.fill_gated_mask(gated, k)
 
-        def i64(vals: List[int]) -> torch.Tensor:
-            return torch.tensor(vals, dtype=torch.int64).to(device, non_blocking=True)
-
-        out.update(gate_mask_rows=i64([j for j, _ in gates]), gate_pool_rows=i64([r.req_pool_idx for _, r in gates]),
-                   gate_tokens=i64([r.grammar.gate_token() for _, r in gates]), gated_masks=_to_device(gated, device))
+        out.update(gate_mask_rows=_i64([j for j, _ in gates], device),
+                   gate_pool_rows=_i64([r.req_pool_idx for _, r in gates], device),
+                   gate_tokens=_i64([r.grammar.gate_token() for _, r in gates], device),
+                   gated_masks=_to_device(gated, device))
     return out
+
+
+def _i64(vals: List[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(vals, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _to_device(mask: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -249,11 +249,11 @@ def _create(runner: Any, kernel: str) -> AttentionBackend:
     return FlashInferAttnBackend(runner, kernel)
 
 
-@register_attention_backend("flashinfer")
+@register_attention_backend("flashinfer", needs_cuda=True)
 def _create_flashinfer(runner: Any) -> AttentionBackend:
     return _create(runner, "fa2")
 
 
-@register_attention_backend("fa3")
+@register_attention_backend("fa3", needs_cuda=True)
 def _create_fa3(runner: Any) -> AttentionBackend:
     return _create(runner, "fa3")

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Union
 
 from sglx.srt.layers.attention.base_attn_backend import AttentionBackend, HybridAttnBackend
 
 ATTENTION_BACKENDS: Dict[str, Callable[[Any], AttentionBackend]] = {}
+# Whether a backend runs only on a CUDA GPU: a bool, or a function asked at the time (triton under its
+# interpreter also runs on the CPU).
+_NEEDS_CUDA: Dict[str, Union[bool, Callable[[], bool]]] = {}
 
 
-def register_attention_backend(name: str):
+def register_attention_backend(name: str, needs_cuda: Union[bool, Callable[[], bool]] = False):
     def deco(factory: Callable[[Any], AttentionBackend]):
         ATTENTION_BACKENDS[name] = factory
+        _NEEDS_CUDA[name] = needs_cuda
         return factory
 
     return deco
+
+
+def attention_backend_needs_cuda(name: str) -> bool:
+    """Whether backend `name` can only run on a CUDA GPU (ServerArgs.check_launchable refuses it on the CPU
+    before any model loads; its factory would fail only after)."""
+    attention_backend_names()
+    needs = _NEEDS_CUDA.get(name, False)
+    return bool(needs() if callable(needs) else needs)
 
 
 def _load_builtin() -> None:

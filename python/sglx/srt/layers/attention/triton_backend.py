@@ -241,7 +241,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@register_attention_backend("triton")
+@register_attention_backend("triton", needs_cuda=lambda: not _interpreting())
 def _create(runner: Any) -> AttentionBackend:
     try:
         import triton  # noqa: F401
